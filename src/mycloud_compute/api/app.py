@@ -1,0 +1,105 @@
+"""The ASGI application: routes, authentication, error mapping and lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.middleware import DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
+
+from mycloud_compute import __version__
+from mycloud_compute.api.auth import BearerTokenMiddleware, scope_guard
+from mycloud_compute.api.deps import DEPENDENCIES
+from mycloud_compute.api.errors import EXCEPTION_HANDLERS
+from mycloud_compute.api.request_context import RequestContextMiddleware
+from mycloud_compute.api.routes import catalog, instances, operations
+from mycloud_compute.persistence.database import Database
+from mycloud_compute.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+# Paths served without a token (regular expressions, searched in the path).
+UNAUTHENTICATED = ["^/healthz$", "^/readyz$", "^/metrics$", "^/openapi.json$", "^/docs"]
+
+
+def _openapi_config() -> OpenAPIConfig:
+    return OpenAPIConfig(
+        title="mycloud Compute API",
+        version=__version__,
+        description="Instances, flavors and images of the mycloud Compute service.",
+        path="/",
+        render_plugins=[JsonRenderPlugin(path="/openapi.json")],
+        components=Components(
+            security_schemes={
+                "bearer": SecurityScheme(
+                    type="http", scheme="bearer", description="API token: Authorization: Bearer <token>"
+                )
+            }
+        ),
+        security=[{"bearer": []}],
+        use_handler_docstrings=False,
+        create_examples=False,
+    )
+
+
+def create_litestar(settings: Settings, *, worker_factory: Any | None = None) -> Litestar:
+    """Build the Litestar application for ``settings``.
+
+    ``worker_factory(settings, db)`` returns a coroutine that runs a lifecycle
+    worker until cancelled; it runs inside the API process when the settings ask for
+    an embedded worker.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        db = Database(
+            settings.database_url,
+            read_url=settings.database_read_url,
+            pool_size=settings.database_pool_size,
+        )
+        app.state.db = db
+        app.state.settings = settings
+        worker_task = None
+        if worker_factory is not None and settings.worker_in_api:
+            worker_task = asyncio.create_task(worker_factory(settings, db), name="embedded-worker")
+            log.info("embedded lifecycle worker started")
+        try:
+            yield
+        finally:
+            if worker_task is not None:
+                worker_task.cancel()
+                try:
+                    await worker_task
+                except asyncio.CancelledError:
+                    pass
+                log.info("embedded lifecycle worker stopped")
+            await db.dispose()
+
+    return Litestar(
+        route_handlers=[*instances.ROUTES, *catalog.ROUTES, *operations.ROUTES],
+        dependencies=DEPENDENCIES,
+        exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[DefineMiddleware(BearerTokenMiddleware, exclude=UNAUTHENTICATED)],
+        guards=[scope_guard],
+        lifespan=[lifespan],
+        openapi_config=_openapi_config(),
+        request_max_body_size=settings.max_body_bytes,
+        state=State({"settings": settings}),
+        debug=False,
+        logging_config=None,
+    )
+
+
+def create_app(settings: Settings | None = None, *, worker_factory: Any | None = None) -> Any:
+    """The ASGI callable to serve: the Litestar app inside the request-context layer."""
+    return RequestContextMiddleware(
+        create_litestar(settings or load_settings(), worker_factory=worker_factory)
+    )

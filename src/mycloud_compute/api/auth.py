@@ -1,0 +1,40 @@
+"""Bearer-token authentication and scope checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+from litestar.middleware.authentication import AbstractAuthenticationMiddleware, AuthenticationResult
+
+from mycloud_compute.services.errors import Forbidden, Unauthorized
+from mycloud_compute.services.identity import Principal, authenticate
+
+# Routes that need no token (operations endpoints and the API documentation).
+PUBLIC_PATHS = ["/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"]
+
+
+class BearerTokenMiddleware(AbstractAuthenticationMiddleware):
+    async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AuthenticationResult:
+        header = connection.headers.get("authorization")
+        if header is None:
+            raise Unauthorized("authentication required: send Authorization: Bearer <token>", token_given=False)
+        scheme, _, secret = header.partition(" ")
+        secret = secret.strip()
+        if scheme.lower() != "bearer" or not secret or " " in secret:
+            raise Unauthorized(
+                "the Authorization header must be 'Bearer <token>'", token_given=False
+            )
+        principal = await authenticate(connection.app.state.db, secret)
+        return AuthenticationResult(user=principal, auth=None)
+
+
+def scope_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """Reject a token that lacks the scope named in the route's ``opt["scope"]``."""
+    required = handler.opt.get("scope")
+    if required is None:
+        return
+    principal: Principal = connection.user
+    if not principal.allows(required):
+        raise Forbidden(f"this operation needs a token with the {required!r} scope")

@@ -1,0 +1,133 @@
+"""One mapping from every exception to the contract's error envelope."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+from mycloud_compute.api.request_context import request_id_of
+from mycloud_compute.api.schemas import ErrorBody, ErrorDetail
+from mycloud_compute.services.errors import ServiceError, Unauthorized
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_SECONDS = "5"
+
+# Error type of each status that Litestar itself raises.
+_TYPE_BY_STATUS = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+    503: "service_unavailable",
+}
+
+_GENERIC_MESSAGES = {
+    404: "the requested URL was not found",
+    405: "the method is not allowed for the requested URL",
+    413: "the request body is too large",
+}
+
+
+def error_response(
+    request: Request[Any, Any, Any],
+    status: int,
+    error_type: str,
+    message: str,
+    details: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response[ErrorBody]:
+    body = ErrorBody(
+        ErrorDetail(
+            code=status,
+            type=error_type,
+            message=message,
+            details=details,
+            request_id=request_id_of(request.scope),
+        )
+    )
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
+
+
+def handle_service_error(request: Request[Any, Any, Any], exc: ServiceError) -> Response[ErrorBody]:
+    headers = None
+    if isinstance(exc, Unauthorized):
+        challenge = 'Bearer realm="mycloud"'
+        if exc.token_given:
+            challenge += ', error="invalid_token"'
+        headers = {"WWW-Authenticate": challenge}
+    elif exc.status == 503:
+        headers = {"Retry-After": RETRY_AFTER_SECONDS}
+    return error_response(request, exc.status, exc.type, exc.message, exc.details, headers)
+
+
+def _validation_message(exc: ValidationException) -> tuple[str, dict[str, Any] | None]:
+    """Turn Litestar's body validation error into one readable sentence."""
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    if extra and isinstance(extra[0], dict):
+        first = extra[0]
+        message = str(first.get("message", exc.detail))
+        key = first.get("key")
+        if key == "data":  # Litestar's name for the whole body
+            return f"invalid request body: {message}", None
+        if key:
+            return f"invalid request body: {message} (field {key!r})", {"field": key}
+        return f"invalid request body: {message}", None
+    return "the request body is not valid JSON or does not match the expected object", None
+
+
+def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:
+    status = exc.status_code
+    if isinstance(exc, ValidationException):
+        message, details = _validation_message(exc)
+        return error_response(request, 400, "invalid_request", message, details)
+    if status >= 500:
+        return handle_unexpected(request, exc)
+    error_type = _TYPE_BY_STATUS.get(status, "invalid_request")
+    message = _GENERIC_MESSAGES.get(status) or str(exc.detail) or error_type
+    headers = None
+    if status == 405:
+        allowed = exc.headers.get("allow") if exc.headers else None
+        headers = {"Allow": allowed} if allowed else None
+    return error_response(request, status, error_type, message, None, headers)
+
+
+def handle_database_unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    log.warning(
+        "database unavailable request_id=%s error=%s", request_id_of(request.scope), type(exc).__name__
+    )
+    return error_response(
+        request,
+        503,
+        "service_unavailable",
+        "the service is temporarily unavailable; retry later",
+        headers={"Retry-After": RETRY_AFTER_SECONDS},
+    )
+
+
+def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    if isinstance(exc, (OperationalError, InterfaceError, ConnectionError, TimeoutError)) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    ):
+        return handle_database_unavailable(request, exc)
+    log.exception(
+        "unhandled error request_id=%s method=%s path=%s",
+        request_id_of(request.scope), request.method, request.url.path,
+    )
+    return error_response(request, 500, "internal_error", "internal server error")
+
+
+EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {
+    ServiceError: handle_service_error,
+    HTTPException: handle_http_exception,
+    Exception: handle_unexpected,
+}

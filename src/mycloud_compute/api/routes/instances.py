@@ -1,0 +1,150 @@
+"""/v1/instances"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, delete, get, patch, post
+from litestar.datastructures import State
+from litestar.status_codes import HTTP_202_ACCEPTED
+
+from mycloud_compute.api import views
+from mycloud_compute.api.links import page_links, page_meta
+from mycloud_compute.api.openapi import ITEM_ERRORS, READ_ERRORS, WRITE_ERRORS, list_operation
+from mycloud_compute.api.routes.common import path_id
+from mycloud_compute.api.schemas import Instance, InstanceCreate, InstanceList, InstanceUpdate
+from mycloud_compute.persistence.database import Database
+from mycloud_compute.services import instances as service
+from mycloud_compute.services.identity import Principal
+from mycloud_compute.services.listing import parse_list_query
+from mycloud_compute.settings import Settings
+
+AuthRequest = Request[Principal, None, State]
+
+
+@get(
+    "/v1/instances",
+    opt={"scope": "read"},
+    summary="List instances",
+    description="List all instances in the current organization, newest first.",
+    operation_class=list_operation(service.INSTANCE_FILTERS),
+    responses=READ_ERRORS,
+    tags=["instances"],
+)
+async def list_instances(request: AuthRequest, db: Database, settings: Settings) -> InstanceList:
+    query = parse_list_query(request.scope["query_string"], service.INSTANCE_FILTERS)
+    page = await service.list_instances(db, request.user, query)
+    last_id = page.rows[-1].id if page.rows else None
+    return InstanceList(
+        instances=[views.instance(row, settings.region) for row in page.rows],
+        meta=page_meta(page.total, query.limit, last_id, page.has_more),
+        links=page_links(
+            request,
+            settings,
+            query,
+            service.INSTANCE_FILTERS,
+            last_id=last_id,
+            has_more=page.has_more,
+            previous_marker=page.previous_marker,
+            previous_is_first=page.previous_is_first,
+        ),
+    )
+
+
+@post(
+    "/v1/instances",
+    opt={"scope": "write"},
+    status_code=HTTP_202_ACCEPTED,
+    summary="Create an instance",
+    description="Accept a create request; the instance builds asynchronously (status BUILD).",
+    responses=WRITE_ERRORS,
+    tags=["instances"],
+)
+async def create_instance(
+    request: AuthRequest, data: InstanceCreate, db: Database, settings: Settings, request_id: str
+) -> Response[Instance]:
+    row = await service.create_instance(
+        db,
+        request.user,
+        service.CreateRequest(
+            name=data.name,
+            flavor_id=data.flavor_id,
+            image_id=data.image_id,
+            description=data.description,
+            networks=data.networks,
+            key_names=data.key_names,
+            security_groups=data.security_groups,
+            metadata=data.metadata,
+            tags=data.tags,
+        ),
+        request_id=request_id,
+    )
+    return Response(
+        views.instance(row, settings.region),
+        status_code=HTTP_202_ACCEPTED,
+        headers={"Location": f"/v1/instances/{row.id}"},
+    )
+
+
+@get(
+    "/v1/instances/{instance_id:str}",
+    opt={"scope": "read"},
+    summary="Show an instance",
+    responses=ITEM_ERRORS,
+    tags=["instances"],
+)
+async def show_instance(
+    request: AuthRequest, instance_id: str, db: Database, settings: Settings
+) -> Instance:
+    row = await service.get_instance(db, request.user, path_id("instance", instance_id))
+    return views.instance(row, settings.region)
+
+
+def _unset_to_none(value: Any) -> Any:
+    return None if value is msgspec.UNSET else value
+
+
+@patch(
+    "/v1/instances/{instance_id:str}",
+    opt={"scope": "write"},
+    summary="Update an instance",
+    description="Change name, description, metadata (replaced) or tags (replaced).",
+    responses=WRITE_ERRORS,
+    tags=["instances"],
+)
+async def update_instance(
+    request: AuthRequest, instance_id: str, data: InstanceUpdate, db: Database, settings: Settings
+) -> Instance:
+    row = await service.update_instance(
+        db,
+        request.user,
+        path_id("instance", instance_id),
+        service.UpdateRequest(
+            name=_unset_to_none(data.name),
+            description=_unset_to_none(data.description),
+            metadata=_unset_to_none(data.metadata),
+            tags=_unset_to_none(data.tags),
+        ),
+    )
+    return views.instance(row, settings.region)
+
+
+@delete(
+    "/v1/instances/{instance_id:str}",
+    opt={"scope": "write"},
+    status_code=HTTP_202_ACCEPTED,
+    summary="Delete an instance",
+    description="Accept a delete; the instance goes through task_state DELETING to DELETED.",
+    responses=ITEM_ERRORS,
+    tags=["instances"],
+)
+async def delete_instance(
+    request: AuthRequest, instance_id: str, db: Database, request_id: str
+) -> None:
+    await service.delete_instance(
+        db, request.user, path_id("instance", instance_id), request_id=request_id
+    )
+
+
+ROUTES = [list_instances, create_instance, show_instance, update_instance, delete_instance]

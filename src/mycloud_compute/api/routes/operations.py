@@ -1,0 +1,62 @@
+"""Operations endpoints that need no token: health, readiness and the API docs."""
+
+from __future__ import annotations
+
+from litestar import Response, get
+from litestar.static_files import create_static_files_router
+
+import openapi_ui_bundles
+
+from mycloud_compute.api.schemas import Health
+from mycloud_compute.persistence.database import Database
+from mycloud_compute.services.errors import ServiceUnavailable
+
+DOCS_ASSETS_PATH = "/docs/assets"
+
+
+@get("/healthz", summary="Liveness: the process is up", tags=["operations"], security=[])
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@get("/readyz", summary="Readiness: the database is reachable", tags=["operations"], security=[])
+async def readyz(db: Database) -> Health:
+    try:
+        await db.ping()
+    except Exception as exc:  # any failure to reach the database means "not ready"
+        raise ServiceUnavailable("the database is not reachable") from exc
+    return Health(status="ok")
+
+
+_DOCS_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>mycloud Compute API</title>
+  <link rel="stylesheet" href="{assets}/swagger-ui.css">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="{assets}/swagger-ui-bundle.js"></script>
+  <script>
+    window.ui = SwaggerUIBundle({{url: "/openapi.json", dom_id: "#swagger-ui"}});
+  </script>
+</body>
+</html>
+"""
+
+
+@get("/docs", include_in_schema=False)
+async def docs() -> Response[str]:
+    # Swagger UI is served from the openapi-ui-bundles package, never from a CDN.
+    return Response(_DOCS_PAGE.format(assets=DOCS_ASSETS_PATH), media_type="text/html")
+
+
+docs_assets = create_static_files_router(
+    path=DOCS_ASSETS_PATH,
+    directories=[openapi_ui_bundles.swagger_ui.static_path],
+    include_in_schema=False,
+    opt={"public": True},
+)
+
+ROUTES = [healthz, readyz, docs, docs_assets]

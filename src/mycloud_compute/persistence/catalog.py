@@ -1,0 +1,72 @@
+"""Queries on flavors and images (the global catalog, ordered by name)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import Table, and_, func, insert, select, tuple_, update
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mycloud_compute.persistence.tables import flavors, images
+
+Position = tuple[str, uuid.UUID]
+
+
+async def get(conn: AsyncConnection, table: Table, item_id: uuid.UUID, *, deleted: bool = False) -> Row[Any] | None:
+    query = select(table).where(table.c.id == item_id)
+    if not deleted:
+        query = query.where(table.c.deleted_at.is_(None))
+    return (await conn.execute(query)).first()
+
+
+async def find_by_name(conn: AsyncConnection, table: Table, name: str) -> Row[Any] | None:
+    query = select(table).where(table.c.name == name, table.c.deleted_at.is_(None))
+    return (await conn.execute(query)).first()
+
+
+async def list_page(
+    conn: AsyncConnection, table: Table, *, after: Position | None, limit: int
+) -> list[Row[Any]]:
+    """Return up to ``limit + 1`` live rows after ``after``, ordered by (name, id)."""
+    clauses = [table.c.deleted_at.is_(None)]
+    if after is not None:
+        clauses.append(tuple_(table.c.name, table.c.id) > tuple_(*after))
+    query = select(table).where(and_(*clauses)).order_by(table.c.name, table.c.id).limit(limit + 1)
+    return list((await conn.execute(query)).all())
+
+
+async def position_before(
+    conn: AsyncConnection, table: Table, *, marker: Position, limit: int
+) -> tuple[bool, uuid.UUID | None]:
+    """Marker of the page before the page after ``marker``; (True, None) for the first page."""
+    query = (
+        select(table.c.id)
+        .where(table.c.deleted_at.is_(None), tuple_(table.c.name, table.c.id) < tuple_(*marker))
+        .order_by(table.c.name.desc(), table.c.id.desc())
+        .limit(limit)
+    )
+    ids = (await conn.execute(query)).scalars().all()
+    if len(ids) < limit:
+        return True, None
+    return False, ids[-1]
+
+
+async def count(conn: AsyncConnection, table: Table) -> int:
+    query = select(func.count()).select_from(table).where(table.c.deleted_at.is_(None))
+    return int((await conn.execute(query)).scalar_one())
+
+
+async def insert_row(conn: AsyncConnection, table: Table, values: dict[str, Any]) -> None:
+    await conn.execute(insert(table).values(**values))
+
+
+async def soft_delete(conn: AsyncConnection, table: Table, item_id: uuid.UUID, when: Any) -> int:
+    result = await conn.execute(
+        update(table).where(table.c.id == item_id, table.c.deleted_at.is_(None)).values(deleted_at=when)
+    )
+    return result.rowcount
+
+
+__all__ = ["flavors", "images"]
