@@ -50,6 +50,22 @@ def _openapi_config() -> OpenAPIConfig:
     )
 
 
+def _log_worker_exit(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("embedded lifecycle worker failed", exc_info=task.exception())
+
+
+async def _stop_worker(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    except Exception:  # already logged by _log_worker_exit
+        pass
+    log.info("embedded lifecycle worker stopped")
+
+
 def create_litestar(settings: Settings, *, worker_factory: Any | None = None) -> Litestar:
     """Build the Litestar application for ``settings``.
 
@@ -70,17 +86,13 @@ def create_litestar(settings: Settings, *, worker_factory: Any | None = None) ->
         worker_task = None
         if worker_factory is not None and settings.worker_in_api:
             worker_task = asyncio.create_task(worker_factory(settings, db), name="embedded-worker")
+            worker_task.add_done_callback(_log_worker_exit)
             log.info("embedded lifecycle worker started")
         try:
             yield
         finally:
             if worker_task is not None:
-                worker_task.cancel()
-                try:
-                    await worker_task
-                except asyncio.CancelledError:
-                    pass
-                log.info("embedded lifecycle worker stopped")
+                await _stop_worker(worker_task)
             await db.dispose()
 
     return Litestar(

@@ -9,10 +9,12 @@ import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from mycloud_compute.persistence import identity as store
 from mycloud_compute.persistence.clock import utcnow
 from mycloud_compute.persistence.database import Database
+from mycloud_compute.services import networks
 from mycloud_compute.services.errors import Conflict, InvalidRequest, NotFound, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -59,8 +61,23 @@ async def create_organization(db: Database, name: str) -> uuid.UUID:
         await store.insert_organization(
             conn, {"id": organization_id, "name": name, "created_at": utcnow()}
         )
+        await networks.ensure_default_network(conn, organization_id)
+        await networks.ensure_default_security_group(conn, organization_id)
     log.info("organization created organization=%s name=%s", organization_id, name)
     return organization_id
+
+
+async def list_organizations(db: Database) -> list[Any]:
+    async with db.snapshot() as conn:
+        return await store.list_organizations(conn)
+
+
+async def list_tokens(db: Database, organization_name: str) -> list[Any]:
+    async with db.snapshot() as conn:
+        organization = await store.find_organization(conn, organization_name)
+        if organization is None:
+            raise NotFound(f"organization {organization_name!r} not found")
+        return await store.list_tokens(conn, organization.id)
 
 
 async def ensure_organization(db: Database, name: str) -> uuid.UUID:

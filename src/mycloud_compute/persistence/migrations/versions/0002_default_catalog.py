@@ -7,20 +7,17 @@ Create Date: 2026-12-04
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from alembic import op
 
+from mycloud_compute.persistence.catalog_ids import catalog_id
+
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
 depends_on = None
-
-# Fixed ids (UUIDv5 of the name) so that every installation shares them and docs can
-# show real values.
-CATALOG_NAMESPACE = uuid.UUID("8d5c1f4e-2f4b-4c8e-9a51-6c3d2b1e0f7a")
 
 # name, vcpus, RAM MiB, disk GiB: the classic OpenStack m1 sizes.
 FLAVORS = [
@@ -62,10 +59,6 @@ images = sa.table(
     sa.column("status", sa.String),
     sa.column("created_at", sa.DateTime),
 )
-
-
-def catalog_id(kind: str, name: str) -> uuid.UUID:
-    return uuid.uuid5(CATALOG_NAMESPACE, f"{kind}:{name}")
 
 
 def upgrade() -> None:

@@ -1,0 +1,16 @@
+"""Import target for ASGI servers: ``mycloud_compute.api.asgi:app``.
+
+Settings come from the environment (``MYCLOUD_*``), so every server process
+started by ``mycloud-compute serve --workers N`` builds the same application.
+"""
+
+from __future__ import annotations
+
+from mycloud_compute.api.app import create_app
+from mycloud_compute.logging_setup import configure_logging
+from mycloud_compute.settings import load_settings
+from mycloud_compute.worker.embedded import run_embedded_worker
+
+_settings = load_settings()
+configure_logging(_settings.log_level)
+app = create_app(_settings, worker_factory=run_embedded_worker)
