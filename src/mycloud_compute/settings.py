@@ -75,6 +75,17 @@ class Settings(BaseSettings):
                 raise ValueError(str(exc)) from exc
         return value
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_trusted_proxies(cls, value: str) -> str:
+        for item in value.split(","):
+            if item.strip():
+                try:
+                    ipaddress.ip_network(item.strip(), strict=False)
+                except ValueError as exc:
+                    raise ValueError(f"invalid proxy address or network {item.strip()!r}") from exc
+        return value
+
     @field_validator("public_url")
     @classmethod
     def _strip_public_url(cls, value: str | None) -> str | None:
