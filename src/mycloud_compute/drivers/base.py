@@ -31,7 +31,7 @@ class HostInventory:
 
 @dataclass(frozen=True)
 class InstanceSpec:
-    """What a driver needs to know about an instance (RAM in MiB, disk in GiB)."""
+    """The instance fields a driver needs (RAM in MiB, disk in GiB)."""
 
     id: uuid.UUID
     organization_id: uuid.UUID

@@ -213,7 +213,8 @@ ports = Table(
     Column("network_id", Uuid, nullable=False),
     Column("instance_id", Uuid, nullable=False),
     Column("address", String(64), nullable=False),
-    # The address as an integer, so the allocator can find free addresses by range.
+    # Offset of the address from its network's first address (a full IPv6 address
+    # would not fit in 64 bits), so the allocator can find free addresses by range.
     Column("address_value", BigInteger, nullable=False),
     Column("mac_address", String(17), nullable=False, unique=True),
     Column("created_at", DateTime, nullable=False),

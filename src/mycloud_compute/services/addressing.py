@@ -20,7 +20,7 @@ import ipaddress
 import logging
 import secrets
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,6 +168,3 @@ def addresses_document(ports: Iterable[AllocatedPort]) -> dict[str, list[dict[st
         )
     return document
 
-
-def ports_by_network(ports: Iterable[AllocatedPort]) -> Mapping[uuid.UUID, AllocatedPort]:
-    return {port.network_id: port for port in ports}

@@ -1,0 +1,217 @@
+"""Compute hosts: the driver's inventory, and atomic claims on their capacity.
+
+Capacity (``vcpus``, ``ram`` in MiB, ``disk`` in GiB) comes from the driver; usage
+(``*_used``, ``instance_count``) changes only through :func:`claim` and
+:func:`release`. A claim is a single conditional UPDATE, so two concurrent claims
+can never push a host over its capacity. On PostgreSQL the second UPDATE waits for
+the first and re-checks its WHERE clause against the committed row. On SQLite,
+writers are serialized.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mycloud_compute.persistence.clock import utcnow
+from mycloud_compute.persistence.tables import hosts
+
+ENABLED = "ENABLED"
+DISABLED = "DISABLED"
+
+
+class HostCapacity(Protocol):
+    """A host as a driver reports it (the driver's ``HostInventory`` fits)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def vcpus(self) -> int: ...
+    @property
+    def ram(self) -> int: ...
+    @property
+    def disk(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Host:
+    """A row of ``hosts`` (RAM in MiB, disk in GiB)."""
+
+    id: uuid.UUID
+    name: str
+    vcpus: int
+    ram: int
+    disk: int
+    vcpus_used: int
+    ram_used: int
+    disk_used: int
+    instance_count: int
+    status: str
+
+    @property
+    def vcpus_free(self) -> int:
+        return self.vcpus - self.vcpus_used
+
+    @property
+    def ram_free(self) -> int:
+        return self.ram - self.ram_used
+
+    @property
+    def disk_free(self) -> int:
+        return self.disk - self.disk_used
+
+
+class HostAccountingError(RuntimeError):
+    """Releasing a claim would make a host's usage negative, so the usage is already wrong."""
+
+
+def _to_host(row: Row[Any]) -> Host:
+    return Host(
+        id=row.id,
+        name=row.name,
+        vcpus=row.vcpus,
+        ram=row.ram,
+        disk=row.disk,
+        vcpus_used=row.vcpus_used,
+        ram_used=row.ram_used,
+        disk_used=row.disk_used,
+        instance_count=row.instance_count,
+        status=row.status,
+    )
+
+
+async def sync_inventory(conn: AsyncConnection, inventory: Iterable[HostCapacity]) -> None:
+    """Insert the hosts missing by name and update the capacity of the others.
+
+    Usage and status are left alone. Hosts missing from the inventory are kept,
+    because instances may still be placed on them.
+    """
+    now = utcnow()
+    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    for item in inventory:
+        # ON CONFLICT DO NOTHING: several processes may sync the same inventory at start-up.
+        await conn.execute(
+            dialect_insert(hosts)
+            .values(
+                id=uuid.uuid4(),
+                name=item.name,
+                vcpus=item.vcpus,
+                ram=item.ram,
+                disk=item.disk,
+                vcpus_used=0,
+                ram_used=0,
+                disk_used=0,
+                instance_count=0,
+                status=ENABLED,
+                created_at=now,
+                updated_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=[hosts.c.name])
+        )
+        await conn.execute(
+            update(hosts)
+            .where(
+                hosts.c.name == item.name,
+                (hosts.c.vcpus != item.vcpus) | (hosts.c.ram != item.ram) | (hosts.c.disk != item.disk),
+            )
+            .values(vcpus=item.vcpus, ram=item.ram, disk=item.disk, updated_at=now)
+        )
+
+
+async def list_hosts(conn: AsyncConnection) -> list[Host]:
+    """Return every host, ordered by name."""
+    rows = (await conn.execute(select(hosts).order_by(hosts.c.name))).all()
+    return [_to_host(row) for row in rows]
+
+
+async def get_host(conn: AsyncConnection, host_id: uuid.UUID) -> Host | None:
+    row = (await conn.execute(select(hosts).where(hosts.c.id == host_id))).first()
+    return _to_host(row) if row is not None else None
+
+
+async def find_candidates(conn: AsyncConnection, *, vcpus: int, ram: int, disk: int) -> list[Host]:
+    """Return the enabled hosts with room for the request, most free RAM first."""
+    query = (
+        select(hosts)
+        .where(
+            hosts.c.status == ENABLED,
+            hosts.c.vcpus_used + vcpus <= hosts.c.vcpus,
+            hosts.c.ram_used + ram <= hosts.c.ram,
+            hosts.c.disk_used + disk <= hosts.c.disk,
+        )
+        .order_by((hosts.c.ram - hosts.c.ram_used).desc(), hosts.c.name)
+    )
+    return [_to_host(row) for row in (await conn.execute(query)).all()]
+
+
+async def claim(conn: AsyncConnection, host_id: uuid.UUID, *, vcpus: int, ram: int, disk: int) -> bool:
+    """Add one instance's resources to the host's usage if they still fit.
+
+    Returns False, changing nothing, when the host is not enabled or lacks room.
+    """
+    result = await conn.execute(
+        update(hosts)
+        .where(
+            hosts.c.id == host_id,
+            hosts.c.status == ENABLED,
+            hosts.c.vcpus_used + vcpus <= hosts.c.vcpus,
+            hosts.c.ram_used + ram <= hosts.c.ram,
+            hosts.c.disk_used + disk <= hosts.c.disk,
+        )
+        .values(
+            vcpus_used=hosts.c.vcpus_used + vcpus,
+            ram_used=hosts.c.ram_used + ram,
+            disk_used=hosts.c.disk_used + disk,
+            instance_count=hosts.c.instance_count + 1,
+            updated_at=utcnow(),
+        )
+    )
+    return result.rowcount == 1
+
+
+async def release(conn: AsyncConnection, host_id: uuid.UUID, *, vcpus: int, ram: int, disk: int) -> None:
+    """Subtract one instance's resources from the host's usage.
+
+    The caller passes the values it claimed (the instance's stored flavor), so usage
+    returns exactly to what it was. Raises HostAccountingError instead of storing a
+    negative usage, and when the host does not exist.
+    """
+    result = await conn.execute(
+        update(hosts)
+        .where(
+            hosts.c.id == host_id,
+            hosts.c.vcpus_used >= vcpus,
+            hosts.c.ram_used >= ram,
+            hosts.c.disk_used >= disk,
+            hosts.c.instance_count >= 1,
+        )
+        .values(
+            vcpus_used=hosts.c.vcpus_used - vcpus,
+            ram_used=hosts.c.ram_used - ram,
+            disk_used=hosts.c.disk_used - disk,
+            instance_count=hosts.c.instance_count - 1,
+            updated_at=utcnow(),
+        )
+    )
+    if result.rowcount != 1:
+        raise HostAccountingError(
+            f"cannot release vcpus={vcpus} ram={ram} disk={disk} from host {host_id}: "
+            "the host does not exist or its usage is smaller than the claim"
+        )
+
+
+async def set_status(conn: AsyncConnection, host_id: uuid.UUID, status: str) -> bool:
+    """Enable or disable a host for new claims; returns False when the host does not exist."""
+    if status not in (ENABLED, DISABLED):
+        raise ValueError(f"host status must be {ENABLED} or {DISABLED}, got {status!r}")
+    result = await conn.execute(
+        update(hosts).where(hosts.c.id == host_id).values(status=status, updated_at=utcnow())
+    )
+    return result.rowcount == 1

@@ -1,0 +1,88 @@
+"""Host selection for new instances.
+
+The filter keeps the enabled hosts with enough free vCPUs, RAM and disk. The
+weigher spreads instances: the host with the most free RAM comes first. Selection
+and claim happen in the caller's transaction, and the claim itself is a conditional
+UPDATE (see ``persistence.hosts``), so a candidate taken by a concurrent request
+in the meantime is skipped rather than overcommitted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mycloud_compute.persistence import hosts as host_store
+from mycloud_compute.persistence.hosts import Host
+
+log = logging.getLogger(__name__)
+
+# Candidate lists read before a lost race are stale; after this many rounds with
+# every claim lost, the request is reported as not fitting.
+CLAIM_ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class ResourceRequest:
+    """Resources one instance needs (RAM in MiB, disk in GiB)."""
+
+    vcpus: int
+    ram: int
+    disk: int
+
+    @classmethod
+    def from_flavor(cls, flavor: Mapping[str, Any]) -> ResourceRequest:
+        """Read the request from an instance's stored ``flavor`` JSON."""
+        return cls(vcpus=int(flavor["vcpus"]), ram=int(flavor["ram"]), disk=int(flavor["disk"]))
+
+
+async def select_host(conn: AsyncConnection, request: ResourceRequest) -> Host | None:
+    """Claim the request's resources on the best host that fits and return that host.
+
+    Returns None when no host fits; nothing is claimed then.
+    """
+    for _ in range(CLAIM_ROUNDS):
+        candidates = await host_store.find_candidates(
+            conn, vcpus=request.vcpus, ram=request.ram, disk=request.disk
+        )
+        if not candidates:
+            return None
+        for host in candidates:
+            claimed = await host_store.claim(
+                conn, host.id, vcpus=request.vcpus, ram=request.ram, disk=request.disk
+            )
+            if claimed:
+                return host
+            log.info("host claim lost to a concurrent request host=%s", host.name)
+    return None
+
+
+async def explain_no_valid_host(conn: AsyncConnection, request: ResourceRequest) -> str:
+    """Say why no host fits the request, for the fault details of the instance."""
+    all_hosts = await host_store.list_hosts(conn)
+    enabled = [host for host in all_hosts if host.status == host_store.ENABLED]
+    if not all_hosts:
+        return "no compute host is registered"
+    if not enabled:
+        return f"all {len(all_hosts)} compute hosts are disabled"
+
+    shortfalls = []
+    if not any(host.vcpus_free >= request.vcpus for host in enabled):
+        largest = max(host.vcpus_free for host in enabled)
+        shortfalls.append(f"{request.vcpus} free vCPUs (max free on one host: {largest})")
+    if not any(host.ram_free >= request.ram for host in enabled):
+        largest = max(host.ram_free for host in enabled)
+        shortfalls.append(f"{request.ram} MiB of free RAM (max free on one host: {largest} MiB)")
+    if not any(host.disk_free >= request.disk for host in enabled):
+        largest = max(host.disk_free for host in enabled)
+        shortfalls.append(f"{request.disk} GiB of free disk (max free on one host: {largest} GiB)")
+    if shortfalls:
+        return "no enabled host has " + " or ".join(shortfalls)
+    return (
+        f"no enabled host has {request.vcpus} vCPUs, {request.ram} MiB of RAM and "
+        f"{request.disk} GiB of disk free at the same time"
+    )
