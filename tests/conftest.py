@@ -18,6 +18,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,11 +98,11 @@ def require_postgres() -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
-    if request.param == "sqlite":
-        path = tmp_path_factory.mktemp("sqlite") / "mycloud.db"
-        url = f"sqlite:///{path}"
+@contextmanager
+def new_backend(kind: str, directory: Path) -> Iterator[Backend]:
+    """Create and migrate an empty database of ``kind``; drop it afterwards."""
+    if kind == "sqlite":
+        url = f"sqlite:///{directory / f'mycloud-{uuid.uuid4().hex[:8]}.db'}"
         upgrade(url)
         yield Backend("sqlite", url)
         return
@@ -115,6 +116,20 @@ def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         yield Backend("postgresql", url)
     finally:
         _admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+    """The database shared by the tests of one session (one per kind)."""
+    with new_backend(request.param, tmp_path_factory.mktemp("db")) as shared:
+        yield shared
+
+
+@pytest.fixture
+def fresh_backend(backend: Backend, tmp_path: Path) -> Iterator[Backend]:
+    """An empty database of the same kind, for tests whose workers must run alone."""
+    with new_backend(backend.kind, tmp_path) as fresh:
+        yield fresh
 
 
 # --- processes ------------------------------------------------------------------------

@@ -9,9 +9,9 @@ The database must already be migrated.
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 
+from mycloud_compute.logging_setup import configure_logging
 from mycloud_compute.settings import Settings, load_settings
 from mycloud_compute.worker.runner import serve
 
@@ -26,10 +26,7 @@ async def _main(settings: Settings) -> None:
 
 def main() -> None:
     settings = load_settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    configure_logging(settings.log_level)
     asyncio.run(_main(settings))
 
 
