@@ -206,7 +206,7 @@ def start_api(backend: Backend, log_dir: Path, **settings: str) -> ApiServer:
     server.processes.append(
         start_process(
             ["-m", "uvicorn", "mycloud_compute.api.asgi:app", "--host", "127.0.0.1",
-             "--port", str(port), "--no-access-log"],
+             "--port", str(port), "--no-access-log", "--no-proxy-headers"],
             env,
             log_dir / f"api-{tag}.log",
         )

@@ -120,7 +120,7 @@ def _kill_worker_mid_build(server: ApiServer, backend: Backend, tmp_path: Path) 
         0,
         start_process(
             ["-m", "uvicorn", "mycloud_compute.api.asgi:app", "--host", "127.0.0.1",
-             "--port", port, "--no-access-log"],
+             "--port", port, "--no-access-log", "--no-proxy-headers"],
             server.env,
             tmp_path / "api-2.log",
         ),

@@ -55,7 +55,7 @@ def parse_uuid(parameter: str, value: str) -> uuid.UUID:
 
 def parse_limit(value: str) -> int:
     message = f"limit must be an integer between 1 and {MAX_LIMIT}, got {value!r}"
-    if not value.isascii() or not value.isdigit() or len(value) > 7:
+    if not value.isascii() or not value.isdigit() or len(value.lstrip("0")) > 7:
         raise InvalidParameter("limit", value, message)
     limit = int(value)
     if not 1 <= limit <= MAX_LIMIT:
