@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, SerializationException, ValidationException
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from mycloud_compute.api.request_context import request_id_of
@@ -78,9 +78,11 @@ def _validation_message(exc: ValidationException) -> tuple[str, dict[str, Any] |
         message = str(first.get("message", exc.detail))
         key = first.get("key")
         if key == "data":  # Litestar's name for the whole body
+            if message == "'data'":  # the KeyError text Litestar reports for an empty body
+                return "the request body is missing; send a JSON object", None
             return f"invalid request body: {message}", None
         if key:
-            return f"invalid request body: {message} (field {key!r})", {"field": key}
+            return f"invalid request body: {message} (field {key!r})", {"parameter": key}
         return f"invalid request body: {message}", None
     return "the request body is not valid JSON or does not match the expected object", None
 
@@ -94,6 +96,8 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
         return handle_unexpected(request, exc)
     error_type = _TYPE_BY_STATUS.get(status, "invalid_request")
     message = _GENERIC_MESSAGES.get(status) or str(exc.detail) or error_type
+    if isinstance(exc.__cause__, SerializationException):
+        message = f"the request body is not valid JSON: {exc.detail}"
     headers = None
     if status == 405:
         allowed = exc.headers.get("allow") if exc.headers else None

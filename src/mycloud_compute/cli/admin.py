@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import sys
 import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import click
+from sqlalchemy.exc import SQLAlchemyError
 
 from mycloud_compute.logging_setup import configure_logging
 from mycloud_compute.persistence import migrate
@@ -45,6 +47,17 @@ def _run(make: Any) -> Any:
         return asyncio.run(main())
     except ServiceError as exc:
         raise click.ClickException(exc.message) from exc
+    except (SQLAlchemyError, OSError) as exc:
+        raise click.ClickException(_database_error_message(exc)) from exc
+
+
+def _database_error_message(
+    exc: Exception, hint: str = "check MYCLOUD_DATABASE_URL and run `mycloud-compute db upgrade`"
+) -> str:
+    """Describe a database failure in one line, without the SQL statement or parameters."""
+    cause = getattr(exc, "orig", None) or exc
+    first_line = (str(cause).splitlines() or [""])[0]
+    return f"database request failed: {type(cause).__name__}: {first_line}; {hint}"
 
 
 @click.group()
@@ -66,7 +79,12 @@ def db_upgrade(revision: str) -> None:
     """Create or migrate the schema and install the default flavors and images."""
     settings = _settings()
     configure_logging("WARNING")
-    migrate.upgrade(settings.database_url, revision)
+    try:
+        migrate.upgrade(settings.database_url, revision)
+    except (SQLAlchemyError, OSError) as exc:
+        raise click.ClickException(
+            _database_error_message(exc, "check MYCLOUD_DATABASE_URL")
+        ) from exc
     click.echo(f"database at revision {revision}", err=True)
 
 
@@ -114,14 +132,18 @@ def _parse_scopes(_ctx: click.Context, _param: click.Parameter, value: str) -> f
     "--scopes", required=True, callback=_parse_scopes,
     help="Comma-separated scopes: read, write, admin.",
 )
-@click.option("--name", default=None, help="Token name, unique in the organization. [default: token-<time>]")
+@click.option(
+    "--name", default=None,
+    help="Token name, unique in the organization. [default: token-<time>-<random hex>]",
+)
 @click.option(
     "--expires-in", "expires_in", type=click.FloatRange(min=0, min_open=True), default=None,
     help="Days until the token expires. [default: never]",
 )
 def token_create(organization: str, scopes: frozenset[str], name: str | None, expires_in: float | None) -> None:
     """Create a token and print its secret (only the secret, on stdout). It is shown once."""
-    token_name = name or f"token-{time.strftime('%Y%m%d%H%M%S')}"
+    # The random suffix keeps two unnamed tokens created in the same second distinct.
+    token_name = name or f"token-{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(3)}"
     secret = _run(
         lambda database: identity.create_token(
             database, organization, name=token_name, scopes=scopes, expires_in_days=expires_in

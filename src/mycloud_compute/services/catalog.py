@@ -16,7 +16,7 @@ from mycloud_compute.persistence.database import Database
 from mycloud_compute.persistence.tables import flavors, images
 from mycloud_compute.services.errors import Conflict, InvalidParameter, NotFound
 from mycloud_compute.services.instances import check_name
-from mycloud_compute.services.listing import ListQuery
+from mycloud_compute.services.listing import ListQuery, reject_control_characters
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,10 @@ async def get_item(db: Database, kind: str, item_id: uuid.UUID) -> Row[Any]:
 async def create_item(db: Database, kind: str, values: dict[str, Any]) -> Row[Any]:
     """Insert a flavor or an image; names are unique among live entries."""
     check_name(values["name"])
+    if kind == "image":
+        # Checked like names; a NUL would also make the INSERT fail on PostgreSQL.
+        reject_control_characters("os_distro", values["os_distro"])
+        reject_control_characters("os_version", values["os_version"])
     table = KINDS[kind]
     item_id = uuid.uuid4()
     row_values = {"id": item_id, "created_at": utcnow(), **values}

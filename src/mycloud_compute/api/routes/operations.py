@@ -7,19 +7,28 @@ from litestar.static_files import create_static_files_router
 
 import openapi_ui_bundles
 
+from mycloud_compute.api.openapi import ERROR_503
 from mycloud_compute.api.schemas import Health
 from mycloud_compute.persistence.database import Database
 from mycloud_compute.services.errors import ServiceUnavailable
 
 DOCS_ASSETS_PATH = "/docs/assets"
+# An empty requirement overrides the document-wide bearer requirement, so no token is needed.
+NO_TOKEN: list[dict[str, list[str]]] = [{}]
 
 
-@get("/healthz", summary="Liveness: the process is up", tags=["operations"], security=[])
+@get("/healthz", summary="Liveness: the process is up", tags=["operations"], security=NO_TOKEN)
 async def healthz() -> Health:
     return Health(status="ok")
 
 
-@get("/readyz", summary="Readiness: the database is reachable", tags=["operations"], security=[])
+@get(
+    "/readyz",
+    summary="Readiness: the database is reachable",
+    tags=["operations"],
+    security=NO_TOKEN,
+    responses={503: ERROR_503},
+)
 async def readyz(db: Database) -> Health:
     try:
         await db.ping()
@@ -28,6 +37,8 @@ async def readyz(db: Database) -> Health:
     return Health(status="ok")
 
 
+# validatorUrl: null turns off Swagger UI's online validator badge, which would load an
+# image from validator.swagger.io with the spec URL in its query string.
 _DOCS_PAGE = """<!doctype html>
 <html lang="en">
 <head>
@@ -39,7 +50,9 @@ _DOCS_PAGE = """<!doctype html>
   <div id="swagger-ui"></div>
   <script src="{assets}/swagger-ui-bundle.js"></script>
   <script>
-    window.ui = SwaggerUIBundle({{url: "/openapi.json", dom_id: "#swagger-ui"}});
+    window.ui = SwaggerUIBundle({{
+      url: "/openapi.json", dom_id: "#swagger-ui", validatorUrl: null
+    }});
   </script>
 </body>
 </html>
