@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 export MYCLOUD_DATABASE_URL ?= sqlite:///var/mycloud.db
 
-.PHONY: run test install install-test clean
+.PHONY: run test lint install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,12 @@ run: install
 	$(BIN)/mycloud-compute demo --url http://$(HOST):$(PORT)
 	$(BIN)/mycloud-compute serve --host $(HOST) --port $(PORT)
 
-test: install-test
+test: install-test lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install-test
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) var build src/*.egg-info

@@ -48,7 +48,7 @@ def _postgres_unavailable_reason() -> str | None:
 
     try:
         asyncio.run(probe())
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         return f"PostgreSQL at {POSTGRES_ADMIN_URL} is not reachable: {exc!r}"
     return None
 

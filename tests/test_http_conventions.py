@@ -126,12 +126,6 @@ def test_unknown_route(client: httpx.Client, path: str) -> None:
     assert error["details"] is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="app.py mounts the OpenAPI router at '/' (OpenAPIConfig(path='/')), so Litestar's "
-    "schema router answers '/' with the spec and '/<anything>' with an HTML 404 page "
-    "(and 405 for other methods)",
-)
 @pytest.mark.parametrize("method", ["GET", "POST"])
 def test_unknown_top_level_route(client: httpx.Client, method: str) -> None:
     response = client.request(method, "/unknown")
@@ -515,11 +509,6 @@ def test_openapi_instance_fields(openapi: dict[str, Any]) -> None:
     assert set(instance["required"]) == set(instance["properties"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="schemas.py: the Timestamp annotation's extra_json_schema is msgspec-only, and "
-    "Litestar's schema generator ignores it, so timestamps have no 'date-time' format",
-)
 def test_openapi_timestamp_format(openapi: dict[str, Any]) -> None:
     created_at = openapi["components"]["schemas"]["Instance"]["properties"]["created_at"]
 

@@ -153,7 +153,7 @@ def test_token_create_without_name_twice(org: Org) -> None:
     ]
     outputs = [process.communicate(timeout=CLI_TIMEOUT) for process in processes]
 
-    for process, (_, stderr) in zip(processes, outputs):
+    for process, (_, stderr) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, stderr
     secrets = [stdout.strip() for stdout, _ in outputs]
     assert secrets[0] != secrets[1]

@@ -199,7 +199,7 @@ def mark_deleted(org: Org, instance_id: str) -> None:
 
 def newest_first(ids: list[str], created: list[datetime]) -> list[str]:
     """Sort ids into the list order: created_at descending, then id descending."""
-    pairs = sorted(zip(created, (uuid.UUID(value) for value in ids)), reverse=True)
+    pairs = sorted(zip(created, (uuid.UUID(value) for value in ids), strict=True), reverse=True)
     return [str(instance_id) for _, instance_id in pairs]
 
 

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from conftest import ApiServer, Backend, make_org, start_api, start_process
 from helpers import create_instance, wait_for
 

@@ -35,8 +35,8 @@ def _openapi_config() -> OpenAPIConfig:
         title="mycloud Compute API",
         version=__version__,
         description="Instances, flavors and images of the mycloud Compute service.",
-        path="/",
-        render_plugins=[JsonRenderPlugin(path="/openapi.json")],
+        path="/openapi.json",
+        render_plugins=[JsonRenderPlugin(path="/")],
         components=Components(
             security_schemes={
                 "bearer": SecurityScheme(

@@ -29,7 +29,8 @@ SECURITY_HEADERS = [
 ]
 
 
-def request_id_of(scope: dict[str, Any]) -> str:
+def request_id_of(scope: Any) -> str:
+    """Return the request id that the request-context layer stored in the ASGI scope."""
     state = scope.get("state") or {}
     return str(state.get("request_id", "req-unknown"))
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta, Struct
 
-Timestamp = Annotated[str, Meta(extra_json_schema={"format": "date-time", "example": "2024-01-15T10:30:00Z"})]
+# An aware UTC datetime without microseconds, which msgspec writes as
+# "2024-01-15T10:30:00Z" (RFC 3339, second precision, Z suffix).
+Timestamp = datetime
 
 
 # --- errors -------------------------------------------------------------------------

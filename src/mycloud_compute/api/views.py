@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.engine import Row
@@ -10,12 +10,12 @@ from sqlalchemy.engine import Row
 from mycloud_compute.api import schemas
 
 
-def timestamp(value: datetime) -> str:
-    """RFC 3339 in UTC with second precision, e.g. 2024-01-15T10:30:00Z."""
-    return value.isoformat(timespec="seconds") + "Z"
+def timestamp(value: datetime) -> datetime:
+    """The stored naive UTC time as an aware UTC time with whole seconds."""
+    return value.replace(microsecond=0, tzinfo=UTC)
 
 
-def optional_timestamp(value: datetime | None) -> str | None:
+def optional_timestamp(value: datetime | None) -> datetime | None:
     return None if value is None else timestamp(value)
 
 

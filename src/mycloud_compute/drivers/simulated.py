@@ -19,7 +19,13 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from mycloud_compute.drivers.base import ComputeDriver, DriverError, HostInventory, InstanceSpec, Vif
+from mycloud_compute.drivers.base import (
+    ComputeDriver,
+    DriverError,
+    HostInventory,
+    InstanceSpec,
+    Vif,
+)
 from mycloud_compute.services.lifecycle import PowerState
 from mycloud_compute.settings import Settings
 

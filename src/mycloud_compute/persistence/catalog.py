@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import Table, and_, func, insert, select, tuple_, update
+from sqlalchemy import ColumnElement, Table, and_, func, insert, select, tuple_, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -30,7 +30,7 @@ async def list_page(
     conn: AsyncConnection, table: Table, *, after: Position | None, limit: int
 ) -> list[Row[Any]]:
     """Return up to ``limit + 1`` live rows after ``after``, ordered by (name, id)."""
-    clauses = [table.c.deleted_at.is_(None)]
+    clauses: list[ColumnElement[bool]] = [table.c.deleted_at.is_(None)]
     if after is not None:
         clauses.append(tuple_(table.c.name, table.c.id) > tuple_(*after))
     query = select(table).where(and_(*clauses)).order_by(table.c.name, table.c.id).limit(limit + 1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -129,7 +128,7 @@ async def list_page(
     *,
     after: Position | None,
     limit: int,
-) -> Sequence[Row[Any]]:
+) -> list[Any]:
     """Return up to ``limit + 1`` instances after ``after`` in list order.
 
     The order (created_at DESC, id DESC) is total because ids are unique, so a keyset
@@ -144,7 +143,7 @@ async def list_page(
         .order_by(instances.c.created_at.desc(), instances.c.id.desc())
         .limit(limit + 1)
     )
-    return (await conn.execute(query)).all()
+    return list((await conn.execute(query)).all())
 
 
 async def position_before(

@@ -16,7 +16,8 @@ from mycloud_compute.persistence.database import Database
 from mycloud_compute.persistence.tables import flavors, images
 from mycloud_compute.services.errors import Conflict, InvalidParameter, NotFound
 from mycloud_compute.services.instances import check_name
-from mycloud_compute.services.listing import ListQuery, reject_control_characters
+from mycloud_compute.services.listing import ListQuery
+from mycloud_compute.services.text import reject_control_characters
 
 log = logging.getLogger(__name__)
 

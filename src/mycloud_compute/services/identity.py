@@ -84,7 +84,7 @@ async def ensure_organization(db: Database, name: str) -> uuid.UUID:
     async with db.snapshot() as conn:
         row = await store.find_organization(conn, name)
     if row is not None:
-        return row.id
+        return uuid.UUID(str(row.id))
     return await create_organization(db, name)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -19,20 +18,14 @@ from mycloud_compute.persistence.database import Database
 from mycloud_compute.persistence.instances import InstanceFilters
 from mycloud_compute.persistence.tables import flavors, images, instance_actions, tasks
 from mycloud_compute.services import networks
-from mycloud_compute.services.errors import InvalidParameter, InvalidRequest, NotFound
+from mycloud_compute.services.errors import InvalidParameter, NotFound
 from mycloud_compute.services.identity import Principal
 from mycloud_compute.services.lifecycle import PowerState, Status, TaskState, VmState, derive_status
-from mycloud_compute.services.listing import (
-    ListQuery,
-    QueryFilter,
-    parse_uuid,
-    reject_control_characters,
-)
+from mycloud_compute.services.listing import ListQuery, QueryFilter, parse_uuid
+from mycloud_compute.services.text import reject_control_characters
 
 log = logging.getLogger(__name__)
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_CONTROL_EXCEPT_NEWLINE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 # --- list filters -------------------------------------------------------------------
@@ -177,17 +170,13 @@ async def get_instance(db: Database, principal: Principal, instance_id: uuid.UUI
 
 
 def check_name(name: str) -> None:
-    if _CONTROL.search(name):
-        raise InvalidParameter("name", name, "name must not contain control characters")
+    reject_control_characters("name", name)
     if name != name.strip():
         raise InvalidParameter("name", name, "name must not start or end with whitespace")
 
 
 def check_description(description: str) -> None:
-    if _CONTROL_EXCEPT_NEWLINE.search(description):
-        raise InvalidParameter(
-            "description", description, "description must not contain control characters"
-        )
+    reject_control_characters("description", description, allow_line_breaks=True)
 
 
 def check_metadata(metadata: dict[str, str]) -> None:
@@ -198,10 +187,8 @@ def check_metadata(metadata: dict[str, str]) -> None:
             raise InvalidParameter(
                 "metadata", key, f"metadata value of {key!r} must be at most 255 characters"
             )
-        if _CONTROL.search(key) or _CONTROL.search(value):
-            raise InvalidParameter(
-                "metadata", key, f"metadata entry {key!r} must not contain control characters"
-            )
+        reject_control_characters("metadata", key)
+        reject_control_characters("metadata", value)
 
 
 def check_tags(tags: list[str]) -> None:
@@ -211,8 +198,7 @@ def check_tags(tags: list[str]) -> None:
             raise InvalidParameter("tags", tag, f"tag {tag!r} must not contain ',' or '/'")
         if tag != tag.strip():
             raise InvalidParameter("tags", tag, f"tag {tag!r} must not start or end with whitespace")
-        if _CONTROL.search(tag):
-            raise InvalidParameter("tags", tag, f"tag {tag!r} must not contain control characters")
+        reject_control_characters("tags", tag)
         if tag in seen:
             raise InvalidParameter("tags", tag, f"tag {tag!r} is given more than once")
         seen.add(tag)
@@ -253,6 +239,8 @@ async def _resolve_security_groups(
     conn: AsyncConnection, organization_id: uuid.UUID, requested: list[str] | None
 ) -> list[str]:
     names = ["default"] if requested is None else requested
+    for name in names:
+        reject_control_characters("security_groups", name)
     if len(set(names)) != len(names):
         raise InvalidParameter("security_groups", names, "security_groups must not repeat a group")
     if "default" in names:
@@ -293,6 +281,8 @@ def _check_create(request: CreateRequest) -> None:
     check_description(request.description)
     check_metadata(request.metadata)
     check_tags(request.tags)
+    for key_name in request.key_names:
+        reject_control_characters("key_names", key_name)
     if request.key_names:
         # TODO: key pairs do not exist yet, so no key name can be resolved.
         raise InvalidParameter(

@@ -8,7 +8,6 @@ everywhere, and each filter value goes through its own parser.
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,13 +15,12 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from mycloud_compute.services.errors import InvalidParameter, InvalidRequest
+from mycloud_compute.services.text import is_uuid
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 1000
 MAX_QUERY_FIELDS = 32
 
-_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -48,7 +46,7 @@ class ListQuery:
 
 
 def parse_uuid(parameter: str, value: str) -> uuid.UUID:
-    if not _UUID_RE.match(value):
+    if not is_uuid(value):
         raise InvalidParameter(parameter, value, f"{parameter} must be a UUID, got {value!r}")
     return uuid.UUID(value)
 
@@ -61,13 +59,6 @@ def parse_limit(value: str) -> int:
     if not 1 <= limit <= MAX_LIMIT:
         raise InvalidParameter("limit", value, message)
     return limit
-
-
-def reject_control_characters(parameter: str, value: str) -> None:
-    if _CONTROL_RE.search(value):
-        raise InvalidParameter(
-            parameter, value, f"{parameter} must not contain control characters"
-        )
 
 
 def split_query_string(query_string: bytes) -> list[tuple[str, str]]:

@@ -23,7 +23,7 @@ async def ensure_default_network(conn: AsyncConnection, organization_id: uuid.UU
     """
     row = await store.find_network_by_name(conn, organization_id, DEFAULT_NETWORK_NAME)
     if row is not None:
-        return row.id
+        return uuid.UUID(str(row.id))
     network_id = uuid.uuid4()
     await store.insert_network(
         conn,

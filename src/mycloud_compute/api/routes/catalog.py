@@ -7,6 +7,7 @@ from litestar.datastructures import State
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
 from mycloud_compute.api import views
+from mycloud_compute.api.bodies import strict_body
 from mycloud_compute.api.links import page_links, page_meta
 from mycloud_compute.api.openapi import ITEM_ERRORS, READ_ERRORS, WRITE_ERRORS, list_operation
 from mycloud_compute.api.routes.common import path_id
@@ -71,7 +72,8 @@ async def show_flavor(flavor_id: str, db: Database) -> Flavor:
 
 @post("/v1/flavors", opt={"scope": "admin"}, status_code=HTTP_201_CREATED,
       summary="Create a flavor", responses=WRITE_ERRORS, tags=["flavors"])
-async def create_flavor(data: FlavorCreate, db: Database) -> Flavor:
+async def create_flavor(request: AuthRequest, data: FlavorCreate, db: Database) -> Flavor:
+    data = await strict_body(request, FlavorCreate)
     values = {"name": data.name, "vcpus": data.vcpus, "ram": data.ram, "disk": data.disk,
               "is_public": data.is_public}
     return views.flavor(await service.create_item(db, "flavor", values))
@@ -107,7 +109,8 @@ async def show_image(image_id: str, db: Database) -> Image:
 
 @post("/v1/images", opt={"scope": "admin"}, status_code=HTTP_201_CREATED,
       summary="Create an image", responses=WRITE_ERRORS, tags=["images"])
-async def create_image(data: ImageCreate, db: Database) -> Image:
+async def create_image(request: AuthRequest, data: ImageCreate, db: Database) -> Image:
+    data = await strict_body(request, ImageCreate)
     values = {"name": data.name, "os_distro": data.os_distro, "os_version": data.os_version,
               "min_disk": data.min_disk, "min_ram": data.min_ram}
     return views.image(await service.create_item(db, "image", values))

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, delete, get, patch, post
+from litestar import MediaType, Request, Response, delete, get, patch, post
 from litestar.datastructures import State
 from litestar.status_codes import HTTP_202_ACCEPTED
 
 from mycloud_compute.api import views
+from mycloud_compute.api.bodies import strict_body
 from mycloud_compute.api.links import page_links, page_meta
 from mycloud_compute.api.openapi import ITEM_ERRORS, READ_ERRORS, WRITE_ERRORS, list_operation
 from mycloud_compute.api.routes.common import path_id
@@ -64,6 +65,7 @@ async def list_instances(request: AuthRequest, db: Database, settings: Settings)
 async def create_instance(
     request: AuthRequest, data: InstanceCreate, db: Database, settings: Settings, request_id: str
 ) -> Response[Instance]:
+    data = await strict_body(request, InstanceCreate)
     row = await service.create_instance(
         db,
         request.user,
@@ -116,6 +118,7 @@ def _unset_to_none(value: Any) -> Any:
 async def update_instance(
     request: AuthRequest, instance_id: str, data: InstanceUpdate, db: Database, settings: Settings
 ) -> Instance:
+    data = await strict_body(request, InstanceUpdate)
     row = await service.update_instance(
         db,
         request.user,
@@ -141,10 +144,11 @@ async def update_instance(
 )
 async def delete_instance(
     request: AuthRequest, instance_id: str, db: Database, request_id: str
-) -> None:
+) -> Response[None]:
     await service.delete_instance(
         db, request.user, path_id("instance", instance_id), request_id=request_id
     )
+    return Response(None, status_code=HTTP_202_ACCEPTED, media_type=MediaType.TEXT)
 
 
 ROUTES = [list_instances, create_instance, show_instance, update_instance, delete_instance]

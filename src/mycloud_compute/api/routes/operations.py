@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from litestar import Response, get
-from litestar.static_files import create_static_files_router
+from typing import Any
 
 import openapi_ui_bundles
+from litestar import Response, get
+from litestar.static_files import create_static_files_router
 
 from mycloud_compute.api.openapi import ERROR_503
 from mycloud_compute.api.schemas import Health
@@ -72,4 +73,4 @@ docs_assets = create_static_files_router(
     opt={"public": True},
 )
 
-ROUTES = [healthz, readyz, docs, docs_assets]
+ROUTES: list[Any] = [healthz, readyz, docs, docs_assets]
