@@ -260,7 +260,7 @@ def test_show_unknown(org: Org, kind: str, item_id: str) -> None:
 
 
 def test_create_flavor(org: Org, admin: httpx.Client) -> None:
-    body = flavor_body(vcpus=3, ram=3072, disk=30, is_public=False)
+    body = flavor_body(vcpus=3, ram=3072, disk=30, is_public=True)
 
     created = admin.post("/v1/flavors", json=body)
     with org.client("read") as client:

@@ -425,10 +425,9 @@ def test_db_upgrade_fresh_sqlite(tmp_path: Path) -> None:
 
 def parse_demo_output(output: str) -> tuple[str, list[str]]:
     """Return the token and the curl lines that the demo command prints."""
-    token_prefix = "Token (read, write): "
-    token_line = next(line for line in output.splitlines() if line.startswith(token_prefix))
+    token_line = next(line for line in output.splitlines() if line.startswith("Token (read, write"))
     curl_lines = [line.strip() for line in output.splitlines() if line.strip().startswith("curl ")]
-    return token_line.removeprefix(token_prefix), curl_lines
+    return token_line.rsplit(" ", 1)[1], curl_lines
 
 
 def test_demo_prints_working_token(api: ApiServer) -> None:

@@ -403,6 +403,15 @@ def test_show_unknown(client: httpx.Client, instance_id: str) -> None:
     assert error["details"] is None
 
 
+@pytest.mark.parametrize("instance_id", ["x" * 5000, "a%00b", "a%0Ab"])
+def test_show_garbage_id(client: httpx.Client, instance_id: str) -> None:
+    """Long or unprintable path text is not echoed back in the 404 message."""
+    error = assert_error(client.get(f"/v1/instances/{instance_id}"), 404, "not_found")
+
+    assert error["message"] == "instance not found; ids are UUIDs"
+    assert error["details"] is None
+
+
 def test_show_deleted(shared_org: Org, client: httpx.Client) -> None:
     deleted_id = insert_deleted_copy(shared_org.api.backend, create_instance(client, "gone")["id"])
 

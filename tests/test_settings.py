@@ -51,3 +51,10 @@ def test_trusted_proxies_rejects_garbage(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("MYCLOUD_TRUSTED_PROXIES", "127.0.0.1,proxy.local")
     with pytest.raises(ValidationError, match="proxy.local"):
         Settings()
+
+
+def test_simulated_hosts_rejects_garbage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad inventory used to start the service and then kill its embedded worker."""
+    monkeypatch.setenv("MYCLOUD_SIMULATED_HOSTS", "bad")
+    with pytest.raises(ValidationError, match="invalid simulated host 'bad'"):
+        Settings()

@@ -75,6 +75,15 @@ class Settings(BaseSettings):
                 raise ValueError(str(exc)) from exc
         return value
 
+    @field_validator("simulated_hosts")
+    @classmethod
+    def _check_simulated_hosts(cls, value: str) -> str:
+        # Imported here: the driver module itself imports Settings.
+        from mycloud_compute.drivers.simulated import parse_host_inventory
+
+        parse_host_inventory(value)
+        return value
+
     @field_validator("trusted_proxies")
     @classmethod
     def _check_trusted_proxies(cls, value: str) -> str:

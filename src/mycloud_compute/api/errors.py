@@ -105,9 +105,29 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
     return error_response(request, status, error_type, message, None, headers)
 
 
+# SQLite reports a broken schema as OperationalError, like a locked database; these
+# are deployment errors (a missing `db upgrade`), not an outage to retry.
+_SCHEMA_ERRORS = ("no such table", "no such column")
+
+
+def _database_error_text(exc: Exception) -> str:
+    """Return the driver's own message, without the SQL statement or its parameters."""
+    original = getattr(exc, "orig", None) or exc
+    return f"{type(original).__name__}: {original}"[:300]
+
+
+def _is_database_unavailable(exc: Exception) -> bool:
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, OperationalError):
+        return not any(text in str(exc.orig) for text in _SCHEMA_ERRORS)
+    return isinstance(exc, (InterfaceError, ConnectionError, TimeoutError, OSError))
+
+
 def handle_database_unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
     log.warning(
-        "database unavailable request_id=%s error=%s", request_id_of(request.scope), type(exc).__name__
+        "database unavailable request_id=%s error=%s",
+        request_id_of(request.scope), _database_error_text(exc),
     )
     return error_response(
         request,
@@ -118,11 +138,26 @@ def handle_database_unavailable(request: Request[Any, Any, Any], exc: Exception)
     )
 
 
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """True when ``exc`` or an exception it was raised from is a ``kind``."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
-    if isinstance(exc, (OperationalError, InterfaceError, ConnectionError, TimeoutError)) or (
-        isinstance(exc, DBAPIError) and exc.connection_invalidated
-    ):
+    if _is_database_unavailable(exc):
         return handle_database_unavailable(request, exc)
+    if _caused_by(exc, RecursionError):
+        # msgspec raises it while decoding JSON nested about a thousand levels deep.
+        return error_response(
+            request, 400, "invalid_request", "the request body is nested too deeply"
+        )
     log.exception(
         "unhandled error request_id=%s method=%s path=%s",
         request_id_of(request.scope), request.method, request.url.path,

@@ -14,10 +14,27 @@ from mycloud_compute.persistence.tables import flavors, images
 Position = tuple[str, uuid.UUID]
 
 
-async def get(conn: AsyncConnection, table: Table, item_id: uuid.UUID, *, deleted: bool = False) -> Row[Any] | None:
+def _visible(table: Table, include_private: bool) -> list[ColumnElement[bool]]:
+    """Live rows, without private flavors unless the caller may see them."""
+    clauses: list[ColumnElement[bool]] = [table.c.deleted_at.is_(None)]
+    if not include_private and "is_public" in table.c:
+        clauses.append(table.c.is_public.is_(True))
+    return clauses
+
+
+async def get(
+    conn: AsyncConnection,
+    table: Table,
+    item_id: uuid.UUID,
+    *,
+    deleted: bool = False,
+    include_private: bool = True,
+) -> Row[Any] | None:
     query = select(table).where(table.c.id == item_id)
     if not deleted:
         query = query.where(table.c.deleted_at.is_(None))
+    if not include_private and "is_public" in table.c:
+        query = query.where(table.c.is_public.is_(True))
     return (await conn.execute(query)).first()
 
 
@@ -27,10 +44,15 @@ async def find_by_name(conn: AsyncConnection, table: Table, name: str) -> Row[An
 
 
 async def list_page(
-    conn: AsyncConnection, table: Table, *, after: Position | None, limit: int
+    conn: AsyncConnection,
+    table: Table,
+    *,
+    after: Position | None,
+    limit: int,
+    include_private: bool,
 ) -> list[Row[Any]]:
-    """Return up to ``limit + 1`` live rows after ``after``, ordered by (name, id)."""
-    clauses: list[ColumnElement[bool]] = [table.c.deleted_at.is_(None)]
+    """Return up to ``limit + 1`` visible rows after ``after``, ordered by (name, id)."""
+    clauses = _visible(table, include_private)
     if after is not None:
         clauses.append(tuple_(table.c.name, table.c.id) > tuple_(*after))
     query = select(table).where(and_(*clauses)).order_by(table.c.name, table.c.id).limit(limit + 1)
@@ -38,12 +60,14 @@ async def list_page(
 
 
 async def position_before(
-    conn: AsyncConnection, table: Table, *, marker: Position, limit: int
+    conn: AsyncConnection, table: Table, *, marker: Position, limit: int, include_private: bool
 ) -> tuple[bool, uuid.UUID | None]:
     """Marker of the page before the page after ``marker``; (True, None) for the first page."""
+    clauses = _visible(table, include_private)
+    clauses.append(tuple_(table.c.name, table.c.id) < tuple_(*marker))
     query = (
         select(table.c.id)
-        .where(table.c.deleted_at.is_(None), tuple_(table.c.name, table.c.id) < tuple_(*marker))
+        .where(and_(*clauses))
         .order_by(table.c.name.desc(), table.c.id.desc())
         .limit(limit)
     )
@@ -53,8 +77,8 @@ async def position_before(
     return False, ids[-1]
 
 
-async def count(conn: AsyncConnection, table: Table) -> int:
-    query = select(func.count()).select_from(table).where(table.c.deleted_at.is_(None))
+async def count(conn: AsyncConnection, table: Table, *, include_private: bool) -> int:
+    query = select(func.count()).select_from(table).where(and_(*_visible(table, include_private)))
     return int((await conn.execute(query)).scalar_one())
 
 

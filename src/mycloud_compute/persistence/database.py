@@ -92,8 +92,9 @@ class Database:
             yield connection
 
     async def ping(self) -> None:
+        """Check that the database answers and has been migrated (``db upgrade``)."""
         async with self.reader.connect() as connection:
-            await connection.execute(text("SELECT 1"))
+            await connection.execute(text("SELECT version_num FROM alembic_version"))
 
     def pool_status(self) -> str:
         return self.writer.pool.status()

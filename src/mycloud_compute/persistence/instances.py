@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, func, insert, select, tuple_, update
+from sqlalchemy import ColumnElement, Select, and_, delete, func, insert, select, tuple_, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -95,16 +95,25 @@ def _where(organization_id: uuid.UUID, filters: InstanceFilters) -> list[ColumnE
     if filters.image_id is not None:
         clauses.append(instances.c.image_id == filters.image_id)
 
-    for tag in filters.tags or ():
-        has_tag = (
-            select(instance_tags.c.instance_id)
-            .where(
-                instance_tags.c.organization_id == organization_id,
-                instance_tags.c.tag == tag,
-            )
-        )
-        clauses.append(instances.c.id.in_(has_tag))
+    if filters.tags:
+        clauses.append(instances.c.id.in_(_having_every_tag(organization_id, filters.tags)))
     return clauses
+
+
+def _having_every_tag(organization_id: uuid.UUID, tags: tuple[str, ...]) -> Select[Any]:
+    """Ids of the instances that carry every tag in ``tags``.
+
+    One grouped subquery: (organization_id, instance_id, tag) is the primary key,
+    so an instance matches exactly when it has one row per requested tag.
+    """
+    query = select(instance_tags.c.instance_id).where(instance_tags.c.organization_id == organization_id)
+    if len(tags) == 1:
+        return query.where(instance_tags.c.tag == tags[0])
+    return (
+        query.where(instance_tags.c.tag.in_(tags))
+        .group_by(instance_tags.c.instance_id)
+        .having(func.count() == len(tags))
+    )
 
 
 async def find_position(

@@ -62,27 +62,34 @@ async def select_host(conn: AsyncConnection, request: ResourceRequest) -> Host |
 
 
 async def explain_no_valid_host(conn: AsyncConnection, request: ResourceRequest) -> str:
-    """Say why no host fits the request, for the fault details of the instance."""
+    """Say why no host fits the request, for the fault details of the instance.
+
+    The details are shown to the instance's owner, so they name only what the
+    request lacked; host counts and free capacities go to the operators' log.
+    """
     all_hosts = await host_store.list_hosts(conn)
     enabled = [host for host in all_hosts if host.status == host_store.ENABLED]
-    if not all_hosts:
-        return "no compute host is registered"
+    log.warning(
+        "no valid host vcpus=%d ram=%d disk=%d hosts=%d enabled=%d max_free_vcpus=%s "
+        "max_free_ram=%s max_free_disk=%s",
+        request.vcpus, request.ram, request.disk, len(all_hosts), len(enabled),
+        max((host.vcpus_free for host in enabled), default=None),
+        max((host.ram_free for host in enabled), default=None),
+        max((host.disk_free for host in enabled), default=None),
+    )
     if not enabled:
-        return f"all {len(all_hosts)} compute hosts are disabled"
+        return "no compute host is available"
 
     shortfalls = []
     if not any(host.vcpus_free >= request.vcpus for host in enabled):
-        largest = max(host.vcpus_free for host in enabled)
-        shortfalls.append(f"{request.vcpus} free vCPUs (max free on one host: {largest})")
+        shortfalls.append(f"{request.vcpus} free vCPUs")
     if not any(host.ram_free >= request.ram for host in enabled):
-        largest = max(host.ram_free for host in enabled)
-        shortfalls.append(f"{request.ram} MiB of free RAM (max free on one host: {largest} MiB)")
+        shortfalls.append(f"{request.ram} MiB of free RAM")
     if not any(host.disk_free >= request.disk for host in enabled):
-        largest = max(host.disk_free for host in enabled)
-        shortfalls.append(f"{request.disk} GiB of free disk (max free on one host: {largest} GiB)")
+        shortfalls.append(f"{request.disk} GiB of free disk")
     if shortfalls:
-        return "no enabled host has " + " or ".join(shortfalls)
+        return "no host has " + " or ".join(shortfalls)
     return (
-        f"no enabled host has {request.vcpus} vCPUs, {request.ram} MiB of RAM and "
+        f"no host has {request.vcpus} vCPUs, {request.ram} MiB of RAM and "
         f"{request.disk} GiB of disk free at the same time"
     )

@@ -22,6 +22,7 @@ from mycloud_compute.services.text import reject_control_characters
 log = logging.getLogger(__name__)
 
 KINDS: dict[str, Table] = {"flavor": flavors, "image": images}
+_ARTICLE = {"flavor": "a", "image": "an"}
 
 
 @dataclass(frozen=True)
@@ -33,22 +34,29 @@ class CatalogPage:
     previous_is_first: bool
 
 
-async def list_items(db: Database, kind: str, query: ListQuery) -> CatalogPage:
+async def list_items(
+    db: Database, kind: str, query: ListQuery, *, include_private: bool
+) -> CatalogPage:
+    """List a page; private flavors (is_public false) only for admin-scoped callers."""
     table = KINDS[kind]
     async with db.snapshot() as conn:
         position = None
         previous_marker, previous_is_first = None, False
         if query.marker is not None:
             # Deleted entries stay valid markers, like deleted instances.
-            marker_row = await store.get(conn, table, query.marker, deleted=True)
+            marker_row = await store.get(
+                conn, table, query.marker, deleted=True, include_private=include_private
+            )
             if marker_row is None:
                 raise InvalidParameter("marker", str(query.marker), f"marker {query.marker} not found")
             position = (marker_row.name, marker_row.id)
             previous_is_first, previous_marker = await store.position_before(
-                conn, table, marker=position, limit=query.limit
+                conn, table, marker=position, limit=query.limit, include_private=include_private
             )
-        rows = await store.list_page(conn, table, after=position, limit=query.limit)
-        total = await store.count(conn, table)
+        rows = await store.list_page(
+            conn, table, after=position, limit=query.limit, include_private=include_private
+        )
+        total = await store.count(conn, table, include_private=include_private)
     return CatalogPage(
         rows=rows[: query.limit],
         total=total,
@@ -58,9 +66,11 @@ async def list_items(db: Database, kind: str, query: ListQuery) -> CatalogPage:
     )
 
 
-async def get_item(db: Database, kind: str, item_id: uuid.UUID) -> Row[Any]:
+async def get_item(
+    db: Database, kind: str, item_id: uuid.UUID, *, include_private: bool
+) -> Row[Any]:
     async with db.snapshot() as conn:
-        row = await store.get(conn, KINDS[kind], item_id)
+        row = await store.get(conn, KINDS[kind], item_id, include_private=include_private)
     if row is None:
         raise NotFound(f"{kind} {item_id} not found")
     return row
@@ -80,7 +90,7 @@ async def create_item(db: Database, kind: str, values: dict[str, Any]) -> Row[An
         row_values["status"] = "ACTIVE"
     async with db.transaction() as conn:
         if await store.find_by_name(conn, table, values["name"]) is not None:
-            raise Conflict(f"a {kind} named {values['name']!r} already exists")
+            raise Conflict(f"{_ARTICLE[kind]} {kind} named {values['name']!r} already exists")
         await store.insert_row(conn, table, row_values)
         row = await store.get(conn, table, item_id)
     log.info("%s created %s_id=%s name=%s", kind, kind, item_id, values["name"])

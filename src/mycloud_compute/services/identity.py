@@ -52,8 +52,11 @@ def parse_scopes(text: str) -> frozenset[str]:
 
 
 async def create_organization(db: Database, name: str) -> uuid.UUID:
-    if not name or len(name) > 255 or name != name.strip():
-        raise InvalidRequest(f"invalid organization name {name!r}")
+    if not name or len(name) > 255 or name != name.strip() or not name.isprintable():
+        raise InvalidRequest(
+            f"invalid organization name {name!r}: use 1 to 255 printable characters "
+            "without leading or trailing spaces"
+        )
     async with db.transaction() as conn:
         if await store.find_organization(conn, name) is not None:
             raise Conflict(f"organization {name!r} already exists")

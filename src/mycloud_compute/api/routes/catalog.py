@@ -34,7 +34,7 @@ async def _page(
     request: AuthRequest, db: Database, settings: Settings, kind: str
 ) -> tuple[service.CatalogPage, PageMeta, PageLinks]:
     query = parse_list_query(request.scope["query_string"], ())
-    page = await service.list_items(db, kind, query)
+    page = await service.list_items(db, kind, query, include_private=request.user.allows("admin"))
     last_id = page.rows[-1].id if page.rows else None
     meta = page_meta(page.total, query.limit, last_id, page.has_more)
     links = page_links(
@@ -66,8 +66,11 @@ async def list_flavors(request: AuthRequest, db: Database, settings: Settings) -
 
 @get("/v1/flavors/{flavor_id:str}", opt={"scope": "read"}, summary="Show a flavor",
      responses=ITEM_ERRORS, tags=["flavors"])
-async def show_flavor(flavor_id: str, db: Database) -> Flavor:
-    return views.flavor(await service.get_item(db, "flavor", path_id("flavor", flavor_id)))
+async def show_flavor(request: AuthRequest, flavor_id: str, db: Database) -> Flavor:
+    row = await service.get_item(
+        db, "flavor", path_id("flavor", flavor_id), include_private=request.user.allows("admin")
+    )
+    return views.flavor(row)
 
 
 @post("/v1/flavors", opt={"scope": "admin"}, status_code=HTTP_201_CREATED,
@@ -104,7 +107,8 @@ async def list_images(request: AuthRequest, db: Database, settings: Settings) ->
 @get("/v1/images/{image_id:str}", opt={"scope": "read"}, summary="Show an image",
      responses=ITEM_ERRORS, tags=["images"])
 async def show_image(image_id: str, db: Database) -> Image:
-    return views.image(await service.get_item(db, "image", path_id("image", image_id)))
+    row = await service.get_item(db, "image", path_id("image", image_id), include_private=True)
+    return views.image(row)
 
 
 @post("/v1/images", opt={"scope": "admin"}, status_code=HTTP_201_CREATED,

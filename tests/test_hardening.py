@@ -1,0 +1,160 @@
+"""Regression tests for hostile or careless input found by trying the service by hand."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import Backend, Org, free_port, start_process
+from helpers import UBUNTU_IMAGE, assert_error, create_instance
+
+from mycloud_compute.persistence.database import Database
+from mycloud_compute.services import identity
+
+
+def test_deeply_nested_body_is_400(org: Org) -> None:
+    """msgspec's RecursionError on ~1000 nested arrays used to surface as a 500."""
+    body = b"[" * 1000 + b"]" * 1000
+    with org.client() as client:
+        response = client.post(
+            "/v1/instances", content=body, headers={"Content-Type": "application/json"}
+        )
+    error = assert_error(response, 400, "invalid_request")
+    assert error["message"] == "the request body is nested too deeply"
+
+
+def test_too_many_tags_in_filter(org: Org) -> None:
+    """One subquery per tag let 200 tags run a query for 30 s; more than 50 cannot match."""
+    tags = ",".join(f"t{number}" for number in range(51))
+    with org.client("read") as client:
+        response = client.get("/v1/instances", params={"tags": tags})
+    error = assert_error(response, 400, "invalid_parameter")
+    assert error["details"]["parameter"] == "tags"
+    assert "at most 50" in error["message"]
+
+
+def test_fifty_tags_filter_allowed(org: Org) -> None:
+    tags = [f"t{number}" for number in range(50)]
+    with org.client() as client:
+        created = create_instance(client, "tagged", tags=tags)
+        create_instance(client, "fewer-tags", tags=tags[:49])
+        listed = client.get("/v1/instances", params={"tags": ",".join(reversed(tags))}).json()
+    assert [item["id"] for item in listed["instances"]] == [created["id"]]
+
+
+def test_status_empty_element(org: Org) -> None:
+    with org.client("read") as client:
+        response = client.get("/v1/instances", params={"status": "ACTIVE,"})
+    error = assert_error(response, 400, "invalid_parameter")
+    assert error["message"].startswith("status must not contain an empty element; valid statuses:")
+
+
+def test_private_flavor_hidden_from_tenants(org: Org) -> None:
+    name = f"private-{uuid.uuid4().hex[:8]}"
+    with org.client("admin") as admin:
+        response = admin.post(
+            "/v1/flavors", json={"name": name, "vcpus": 1, "ram": 1024, "disk": 20, "is_public": False}
+        )
+        assert response.status_code == 201, response.text
+        flavor_id = response.json()["id"]
+        admin_names = [item["name"] for item in admin.get("/v1/flavors", params={"limit": 1000}).json()["flavors"]]
+
+    with org.client() as client:
+        tenant_names = [item["name"] for item in client.get("/v1/flavors", params={"limit": 1000}).json()["flavors"]]
+        shown = client.get(f"/v1/flavors/{flavor_id}")
+        created = client.post(
+            "/v1/instances", json={"name": "x", "flavor_id": flavor_id, "image_id": UBUNTU_IMAGE}
+        )
+
+    assert name in admin_names
+    assert name not in tenant_names
+    assert_error(shown, 404, "not_found")
+    assert_error(created, 400, "invalid_parameter")
+
+
+def test_unmigrated_database_not_ready(tmp_path: Path) -> None:
+    """Serving an empty database answered 503 on every call while /readyz said ok."""
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    port = free_port()
+    env = {"MYCLOUD_DATABASE_URL": url, "MYCLOUD_DRIVER_STEP_DELAY": "0"}
+    process = start_process(
+        ["-m", "uvicorn", "mycloud_compute.api.asgi:app", "--port", str(port), "--no-proxy-headers"],
+        env,
+        tmp_path / "api.log",
+    )
+    try:
+        response = _get_when_up(f"http://127.0.0.1:{port}/readyz")
+        assert_error(response, 503, "service_unavailable")
+        assert response.headers["retry-after"] == "5"
+    finally:
+        process.stop()
+
+
+def test_organization_name_rejects_line_break(backend: Backend) -> None:
+    """A name with a newline broke the lines of `org list`."""
+
+    async def create(db: Database) -> None:
+        await identity.create_organization(db, "evil\nline")
+
+    with pytest.raises(Exception, match="printable"):
+        backend.run(create)
+
+
+def test_token_list_marks_expired(backend: Backend) -> None:
+    org_name = f"expiry-{uuid.uuid4().hex[:8]}"
+
+    async def setup(db: Database) -> None:
+        await identity.create_organization(db, org_name)
+        await identity.create_token(
+            db, org_name, name="short", scopes=frozenset({"read"}), expires_in_days=1e-6
+        )
+
+    backend.run(setup)
+    time.sleep(0.2)
+    output = subprocess.run(
+        [sys.executable, "-m", "mycloud_compute.cli.admin", "token", "list", "--org", org_name],
+        env={**os.environ, "MYCLOUD_DATABASE_URL": backend.url},
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout
+    assert output.strip().endswith("expired")
+
+
+@pytest.mark.parametrize("days", ["1e12", "nan", "inf"])
+def test_token_create_rejects_absurd_expiry(backend: Backend, days: str) -> None:
+    """Huge or non-numeric lifetimes printed a Python traceback."""
+    result = subprocess.run(
+        [sys.executable, "-m", "mycloud_compute.cli.admin", "token", "create", "--org", "nobody",
+         "--scopes", "read", "--expires-in", days],
+        env={**os.environ, "MYCLOUD_DATABASE_URL": backend.url},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_setting_names_variable(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mycloud_compute.cli.admin", "org", "list"],
+        env={**os.environ, "MYCLOUD_DATABASE_URL": "mysql://x@localhost/y"},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1
+    assert "MYCLOUD_DATABASE_URL" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _get_when_up(url: str) -> httpx.Response:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return httpx.get(url, timeout=2)
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
