@@ -16,11 +16,22 @@ from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
 from mycloud_compute import __version__
+from mycloud_compute.api import metrics
 from mycloud_compute.api.auth import BearerTokenMiddleware, scope_guard
 from mycloud_compute.api.deps import DEPENDENCIES
 from mycloud_compute.api.errors import EXCEPTION_HANDLERS
 from mycloud_compute.api.request_context import RequestContextMiddleware
-from mycloud_compute.api.routes import catalog, instances, operations
+from mycloud_compute.api.routes import (
+    actions,
+    catalog,
+    hosts,
+    instances,
+    keypairs,
+    networks,
+    operations,
+    security_groups,
+    volumes,
+)
 from mycloud_compute.persistence.database import Database
 from mycloud_compute.settings import Settings, load_settings
 
@@ -96,12 +107,14 @@ def create_litestar(settings: Settings, *, worker_factory: Any | None = None) ->
             await db.dispose()
 
     return Litestar(
-        route_handlers=[*instances.ROUTES, *catalog.ROUTES, *operations.ROUTES],
+        route_handlers=[*instances.ROUTES, *catalog.ROUTES, *hosts.ROUTES, *operations.ROUTES,
+                        *volumes.ROUTES, *actions.ROUTES,
+                        *keypairs.ROUTES, *security_groups.ROUTES, *networks.ROUTES],
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[DefineMiddleware(BearerTokenMiddleware, exclude=UNAUTHENTICATED)],
         guards=[scope_guard],
-        lifespan=[lifespan],
+        lifespan=[lifespan, metrics.lifespan],
         openapi_config=_openapi_config(),
         request_max_body_size=settings.max_body_bytes,
         state=State({"settings": settings}),

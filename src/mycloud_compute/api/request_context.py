@@ -1,18 +1,20 @@
 """Outermost ASGI layer: request ids, JSON content-type checks and security headers.
 
 It wraps the whole Litestar application, so every response, including the router's
-own 404 and 405 responses, carries ``X-Request-Id``.
+own 404 and 405 responses, carries ``X-Request-Id`` and counts in the request metrics.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from typing import Any
 
 import msgspec
 
+from mycloud_compute.api.metrics import RequestMetrics
 from mycloud_compute.api.schemas import ErrorBody, ErrorDetail
 
 log = logging.getLogger(__name__)
@@ -59,12 +61,17 @@ def _is_json(content_type: bytes | None) -> bool:
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self.metrics = RequestMetrics(app)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
 
+        started = time.perf_counter()
+        # A request that ends without a response (an error escaped, or the client left)
+        # counts as a 500, which is what uvicorn sends when the connection is still open.
+        status = 500
         incoming = _header(scope, b"x-request-id")
         incoming_text = incoming.decode("latin-1") if incoming else ""
         if _CLIENT_REQUEST_ID.match(incoming_text):
@@ -75,7 +82,9 @@ class RequestContextMiddleware:
         extra_headers = [(b"x-request-id", request_id.encode()), *SECURITY_HEADERS]
 
         async def send_with_headers(message: dict[str, Any]) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 headers = [
                     (k, v) for k, v in message.get("headers", ()) if k.lower() != b"x-request-id"
                 ]
@@ -83,15 +92,18 @@ class RequestContextMiddleware:
             await send(message)
 
         path = scope.get("path", "")
-        if (
-            scope["method"].encode() in _BODY_METHODS
-            and path.startswith("/v1/")
-            and _has_body(scope)
-            and not _is_json(_header(scope, b"content-type"))
-        ):
-            await self._send_415(request_id, send_with_headers)
-            return
-        await self.app(scope, receive, send_with_headers)
+        try:
+            if (
+                scope["method"].encode() in _BODY_METHODS
+                and path.startswith("/v1/")
+                and _has_body(scope)
+                and not _is_json(_header(scope, b"content-type"))
+            ):
+                await self._send_415(request_id, send_with_headers)
+                return
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            self.metrics.record(scope, status, time.perf_counter() - started)
 
     @staticmethod
     async def _send_415(request_id: str, send: Any) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
+
+from mycloud_compute.services import volumes as volume_rules
 
 # An aware UTC datetime without microseconds, which msgspec writes as
 # "2024-01-15T10:30:00Z" (RFC 3339, second precision, Z suffix).
@@ -183,6 +185,7 @@ class InstanceCreate(Struct, forbid_unknown_fields=True):
     security_groups: Annotated[list[str], Meta(max_length=16)] | None = None
     metadata: MetadataMap = msgspec.field(default_factory=dict)
     tags: TagList = msgspec.field(default_factory=list)
+    volumes: InstanceVolumeList = msgspec.field(default_factory=list)
 
 
 class InstanceUpdate(Struct, forbid_unknown_fields=True):
@@ -197,3 +200,272 @@ class InstanceUpdate(Struct, forbid_unknown_fields=True):
 
 class Health(Struct):
     status: str
+
+
+# --- hosts --------------------------------------------------------------------------
+
+
+class Host(Struct):
+    id: uuid.UUID
+    name: str
+    vcpus: int
+    ram: Annotated[int, Meta(description="RAM in MiB")]
+    disk: Annotated[int, Meta(description="Disk in GiB")]
+    vcpus_used: int
+    ram_used: Annotated[int, Meta(description="RAM claimed by the instances on the host, MiB")]
+    disk_used: Annotated[int, Meta(description="Disk claimed by the instances on the host, GiB")]
+    instance_count: int
+    status: Annotated[str, Meta(description="ENABLED or DISABLED (no new instances)")]
+
+
+class HostList(Struct):
+    hosts: list[Host]
+    meta: PageMeta
+    links: PageLinks
+
+
+# --- volumes ------------------------------------------------------------------------
+
+VolumeSize = Annotated[
+    int,
+    Meta(ge=volume_rules.MIN_SIZE_GB, le=volume_rules.MAX_SIZE_GB, description="Size in GiB"),
+]
+
+
+class InstanceAttachment(Struct):
+    """The instance a volume is attached to, and the volume's device in that instance."""
+
+    instance_id: uuid.UUID
+    device: Annotated[str, Meta(examples=["/dev/vdb"])]
+
+
+class Volume(Struct):
+    id: uuid.UUID
+    crn: str
+    name: str
+    size_gb: Annotated[int, Meta(description="Size in GiB")]
+    status: Annotated[str, Meta(description="AVAILABLE, IN_USE or DELETED")]
+    attachments: list[InstanceAttachment]
+    created_at: Timestamp
+
+
+class VolumeList(Struct):
+    volumes: list[Volume]
+    meta: PageMeta
+    links: PageLinks
+
+
+class VolumeCreate(Struct, forbid_unknown_fields=True):
+    name: InstanceName
+    size_gb: VolumeSize
+
+
+class InstanceVolume(Struct, forbid_unknown_fields=True):
+    """A volume for a new instance: exactly one of size_gb (create) and volume_id (attach)."""
+
+    size_gb: VolumeSize | None = None
+    volume_id: Annotated[
+        uuid.UUID | None, Meta(description="An AVAILABLE volume of the organization")
+    ] = None
+    delete_on_termination: Annotated[
+        bool, Meta(description="Delete the volume with the instance instead of making it AVAILABLE")
+    ] = False
+
+
+InstanceVolumeList = Annotated[
+    list[InstanceVolume],
+    Meta(
+        max_length=volume_rules.MAX_VOLUMES_PER_INSTANCE,
+        description="Volumes attached as /dev/vdb, /dev/vdc, ... in this order",
+    ),
+]
+
+
+# --- key pairs ------------------------------------------------------------------------
+
+
+class KeyPair(Struct):
+    name: str
+    public_key: Annotated[
+        str, Meta(description="OpenSSH public key line: type, base64 key data, optional comment")
+    ]
+    fingerprint: Annotated[
+        str, Meta(description="SHA256 fingerprint as `ssh-keygen -l` prints it: SHA256:<base64>")
+    ]
+    type: Annotated[
+        str,
+        Meta(description="OpenSSH key type: ssh-ed25519, ssh-rsa or ecdsa-sha2-nistp256/384/521"),
+    ]
+    created_at: Timestamp
+
+
+class KeyPairPageMeta(Struct):
+    total: int
+    limit: int
+    marker: Annotated[str | None, Meta(description="Name of the last key pair on this page")]
+    has_more: bool
+
+
+class KeyPairList(Struct):
+    keypairs: list[KeyPair]
+    meta: KeyPairPageMeta
+    links: PageLinks
+
+
+class KeyPairCreate(Struct, forbid_unknown_fields=True):
+    name: Annotated[
+        str,
+        Meta(min_length=1, max_length=255, description="Unique in the organization; no '/'"),
+    ]
+    public_key: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=16384,
+            description="OpenSSH public key: ssh-ed25519, ssh-rsa (2048 to 16384 bits) or "
+            "ecdsa-sha2-nistp256/384/521",
+        ),
+    ]
+
+
+# --- security groups ------------------------------------------------------------------
+
+PortNumber = Annotated[int, Meta(ge=1, le=65535)]
+
+
+class SecurityGroupRule(Struct):
+    id: uuid.UUID
+    direction: Literal["ingress", "egress"]
+    protocol: Annotated[
+        Literal["tcp", "udp", "icmp"] | None, Meta(description="null: any protocol")
+    ]
+    port_range_min: Annotated[int | None, Meta(description="null: any port, or not tcp/udp")]
+    port_range_max: int | None
+    remote_ip_prefix: Annotated[str | None, Meta(description="null: any address")]
+
+
+class SecurityGroupRuleCreate(Struct, forbid_unknown_fields=True):
+    direction: Literal["ingress", "egress"]
+    protocol: Annotated[
+        Literal["tcp", "udp", "icmp"] | None, Meta(description="null or absent: any protocol")
+    ] = None
+    port_range_min: (
+        Annotated[
+            int,
+            Meta(ge=1, le=65535, description="tcp and udp only, given together with port_range_max"),
+        ]
+        | None
+    ) = None
+    port_range_max: PortNumber | None = None
+    remote_ip_prefix: (
+        Annotated[
+            str,
+            Meta(
+                min_length=1,
+                max_length=64,
+                description="CIDR with the host bits zero; null or absent: any address",
+            ),
+        ]
+        | None
+    ) = None
+
+
+class SecurityGroup(Struct):
+    id: uuid.UUID
+    name: str
+    description: str
+    rules: list[SecurityGroupRule]
+    created_at: Timestamp
+
+
+class SecurityGroupList(Struct):
+    security_groups: list[SecurityGroup]
+    meta: PageMeta
+    links: PageLinks
+
+
+class SecurityGroupCreate(Struct, forbid_unknown_fields=True):
+    name: InstanceName
+    description: Description = ""
+    rules: Annotated[list[SecurityGroupRuleCreate], Meta(max_length=100)] = msgspec.field(
+        default_factory=list
+    )
+
+
+# --- networks -------------------------------------------------------------------------
+
+
+class Network(Struct):
+    id: uuid.UUID
+    crn: str
+    name: str
+    cidr: str
+    ip_version: int
+    created_at: Timestamp
+
+
+class NetworkList(Struct):
+    networks: list[Network]
+    meta: PageMeta
+    links: PageLinks
+
+
+class NetworkCreate(Struct, forbid_unknown_fields=True):
+    name: InstanceName
+    cidr: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=64,
+            description="IPv4 /8 to /29 or IPv6 /48 to /124, host bits zero, "
+            "e.g. 10.0.0.0/24 or fd00::/64",
+        ),
+    ]
+
+
+# --- instance actions ---------------------------------------------------------------
+
+
+class InstanceAction(Struct):
+    """One record of an instance's action history."""
+
+    id: uuid.UUID
+    instance_id: uuid.UUID
+    action: Annotated[
+        str,
+        Meta(
+            description="create, delete, start, stop, reboot, resize, confirm-resize or revert-resize"
+        ),
+    ]
+    status: Annotated[str, Meta(description="RUNNING, SUCCEEDED or FAILED")]
+    request_id: Annotated[
+        str | None, Meta(description="X-Request-Id of the request that started the action")
+    ]
+    started_at: Timestamp
+    finished_at: Timestamp | None
+    message: Annotated[
+        str | None,
+        Meta(description="Why the action failed or was cancelled; null while it runs and after it succeeded"),
+    ]
+    token_name: Annotated[str | None, Meta(description="Name of the API token that requested the action")]
+
+
+class InstanceActionList(Struct):
+    actions: list[InstanceAction]
+    meta: PageMeta
+    links: PageLinks
+
+
+class InstanceActionEmpty(Struct, forbid_unknown_fields=True):
+    """Body of start, stop, confirm-resize and revert-resize: an empty object, or no body at all."""
+
+
+class InstanceReboot(Struct, forbid_unknown_fields=True):
+    type: Annotated[
+        Literal["SOFT", "HARD"],
+        Meta(description="SOFT restarts through the guest OS; HARD power-cycles the VM"),
+    ] = "SOFT"
+
+
+class InstanceResize(Struct, forbid_unknown_fields=True):
+    flavor_id: Annotated[uuid.UUID, Meta(description="The flavor to resize the instance to")]

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -215,3 +215,73 @@ async def set_status(conn: AsyncConnection, host_id: uuid.UUID, status: str) -> 
         update(hosts).where(hosts.c.id == host_id).values(status=status, updated_at=utcnow())
     )
     return result.rowcount == 1
+
+
+# A page position: hosts are listed by (name, id).
+Position = tuple[str, uuid.UUID]
+
+
+async def find_by_name(conn: AsyncConnection, name: str) -> Host | None:
+    row = (await conn.execute(select(hosts).where(hosts.c.name == name))).first()
+    return _to_host(row) if row is not None else None
+
+
+async def insert_host(conn: AsyncConnection, *, name: str, vcpus: int, ram: int, disk: int) -> Host:
+    """Insert an enabled host with no usage and return it (a duplicate name raises IntegrityError)."""
+    now = utcnow()
+    host = Host(
+        id=uuid.uuid4(),
+        name=name,
+        vcpus=vcpus,
+        ram=ram,
+        disk=disk,
+        vcpus_used=0,
+        ram_used=0,
+        disk_used=0,
+        instance_count=0,
+        status=ENABLED,
+    )
+    values = {field: getattr(host, field) for field in Host.__dataclass_fields__}
+    await conn.execute(insert(hosts).values(**values, created_at=now, updated_at=now))
+    return host
+
+
+async def delete_if_unused(conn: AsyncConnection, host_id: uuid.UUID) -> bool:
+    """Delete the host unless an instance is placed on it; returns whether a row was deleted.
+
+    The condition on ``instance_count`` is checked by the DELETE itself, so a claim
+    that commits first makes the DELETE match nothing, and a claim that comes later
+    finds no host to claim.
+    """
+    result = await conn.execute(
+        delete(hosts).where(hosts.c.id == host_id, hosts.c.instance_count == 0)
+    )
+    return result.rowcount == 1
+
+
+async def list_page(conn: AsyncConnection, *, after: Position | None, limit: int) -> list[Host]:
+    """Return up to ``limit + 1`` hosts after ``after``, ordered by (name, id)."""
+    query = select(hosts).order_by(hosts.c.name, hosts.c.id).limit(limit + 1)
+    if after is not None:
+        query = query.where(tuple_(hosts.c.name, hosts.c.id) > tuple_(*after))
+    return [_to_host(row) for row in (await conn.execute(query)).all()]
+
+
+async def position_before(
+    conn: AsyncConnection, *, marker: Position, limit: int
+) -> tuple[bool, uuid.UUID | None]:
+    """Marker of the page before the page after ``marker``; (True, None) for the first page."""
+    query = (
+        select(hosts.c.id)
+        .where(tuple_(hosts.c.name, hosts.c.id) < tuple_(*marker))
+        .order_by(hosts.c.name.desc(), hosts.c.id.desc())
+        .limit(limit)
+    )
+    ids = (await conn.execute(query)).scalars().all()
+    if len(ids) < limit:
+        return True, None
+    return False, ids[-1]
+
+
+async def count(conn: AsyncConnection) -> int:
+    return int((await conn.execute(select(func.count()).select_from(hosts))).scalar_one())

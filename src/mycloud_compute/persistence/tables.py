@@ -179,6 +179,14 @@ instances = Table(
     Column("updated_at", DateTime, nullable=False),
     Column("launched_at", DateTime, nullable=True),
     Column("terminated_at", DateTime, nullable=True),
+    # Host claims of a resize besides (flavor, host_id), migration 0005. While the
+    # resize runs, new_* is the target flavor and its claim (new_host_id is set once
+    # claimed). From VERIFY_RESIZE until confirm or revert, old_* is the previous
+    # flavor and the claim it still holds. Both pairs are null otherwise.
+    Column("new_flavor", JSON, nullable=True),
+    Column("new_host_id", Uuid, nullable=True),
+    Column("old_flavor", JSON, nullable=True),
+    Column("old_host_id", Uuid, nullable=True),
     PrimaryKeyConstraint("organization_id", "id"),
     ForeignKeyConstraint(["organization_id"], ["organizations.id"]),
     # One index per filter, each ending in the list order, so every filtered page
@@ -262,4 +270,140 @@ instance_actions = Table(
     Column("finished_at", DateTime, nullable=True),
     PrimaryKeyConstraint("organization_id", "id"),
     Index("ix_instance_actions_org_instance_started", "organization_id", "instance_id", "started_at", "id"),
+)
+
+
+# --- key pairs, security group rules and the resource lists (migration 0003) ----------
+
+# Networks and security groups are listed newest first, like instances.
+Index("ix_networks_org_created", networks.c.organization_id, networks.c.created_at, networks.c.id)
+Index(
+    "ix_security_groups_org_created",
+    security_groups.c.organization_id,
+    security_groups.c.created_at,
+    security_groups.c.id,
+)
+
+# A key pair is addressed by its name, so the name is its key, and the primary key
+# is also the index of the list, which is ordered by name.
+keypairs = Table(
+    "keypairs",
+    metadata,
+    Column("organization_id", Uuid, nullable=False),
+    Column("name", Name(), nullable=False),
+    # The OpenSSH key type, e.g. "ssh-ed25519" or "ecdsa-sha2-nistp256".
+    Column("type", String(32), nullable=False),
+    # The key in canonical OpenSSH form: type, base64 blob and the optional comment.
+    Column("public_key", Text, nullable=False),
+    # "SHA256:" and the unpadded base64 SHA-256 of the key blob, as ssh-keygen -l prints it.
+    Column("fingerprint", String(64), nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    PrimaryKeyConstraint("organization_id", "name"),
+    ForeignKeyConstraint(["organization_id"], ["organizations.id"]),
+)
+
+security_group_rules = Table(
+    "security_group_rules",
+    metadata,
+    Column("organization_id", Uuid, nullable=False),
+    Column("id", Uuid, nullable=False),
+    Column("security_group_id", Uuid, nullable=False),
+    # Order of the rules within their group: the order they were given and added in.
+    Column("position", Integer, nullable=False),
+    Column("direction", String(8), nullable=False),
+    # NULL: any protocol. The ports are NULL for any port and for ICMP or any protocol.
+    Column("protocol", String(8), nullable=True),
+    Column("port_range_min", Integer, nullable=True),
+    Column("port_range_max", Integer, nullable=True),
+    # NULL: any address of either IP version.
+    Column("remote_ip_prefix", String(64), nullable=True),
+    Column("created_at", DateTime, nullable=False),
+    PrimaryKeyConstraint("organization_id", "id"),
+    ForeignKeyConstraint(
+        ["organization_id", "security_group_id"],
+        ["security_groups.organization_id", "security_groups.id"],
+        ondelete="CASCADE",
+    ),
+    Index("ix_security_group_rules_org_group_position", "organization_id", "security_group_id", "position"),
+)
+
+# The security groups of each instance, by group id. The instance row keeps the
+# names in its JSON for the API, and this table finds the users of a group (the
+# in-use check) with an index range scan on (organization_id, security_group_id).
+# Rows stay when the instance is DELETED (the in-use check joins the instance's
+# status) and are removed with the group. The foreign key to the group has no
+# cascade on purpose, so a group cannot be deleted while a row refers to it.
+instance_security_groups = Table(
+    "instance_security_groups",
+    metadata,
+    Column("organization_id", Uuid, nullable=False),
+    Column("security_group_id", Uuid, nullable=False),
+    Column("instance_id", Uuid, nullable=False),
+    PrimaryKeyConstraint("organization_id", "security_group_id", "instance_id"),
+    ForeignKeyConstraint(
+        ["organization_id", "security_group_id"],
+        ["security_groups.organization_id", "security_groups.id"],
+    ),
+    ForeignKeyConstraint(
+        ["organization_id", "instance_id"],
+        ["instances.organization_id", "instances.id"],
+        ondelete="CASCADE",
+    ),
+)
+
+
+# --- volumes and idempotency keys (migration 0004) ------------------------------------
+
+# A volume is attached to at most one instance, so the attachment is stored on the
+# volume row. instance_id, device and delete_on_termination are set while the status
+# is IN_USE and NULL otherwise. DELETED rows stay, so their ids remain valid markers.
+volumes = Table(
+    "volumes",
+    metadata,
+    Column("organization_id", Uuid, nullable=False),
+    Column("id", Uuid, nullable=False),
+    Column("name", Name(), nullable=False),
+    Column("size_gb", Integer, nullable=False),
+    # AVAILABLE, IN_USE or DELETED, exactly as the API shows it.
+    Column("status", String(16), nullable=False),
+    # Progress of an IN_USE volume's attachment: RESERVED when the create request
+    # claimed it, ATTACHED once the build's BLOCK_DEVICE_MAPPING step has run.
+    Column("attach_status", String(16), nullable=True),
+    Column("instance_id", Uuid, nullable=True),
+    Column("device", String(32), nullable=True),
+    Column("delete_on_termination", Boolean, nullable=True),
+    Column("created_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+    Column("deleted_at", DateTime, nullable=True),
+    PrimaryKeyConstraint("organization_id", "id"),
+    ForeignKeyConstraint(["organization_id"], ["organizations.id"]),
+    ForeignKeyConstraint(
+        ["organization_id", "instance_id"], ["instances.organization_id", "instances.id"]
+    ),
+    Index("ix_volumes_org_created", "organization_id", "created_at", "id"),
+    Index("ix_volumes_org_instance", "organization_id", "instance_id"),
+)
+
+# The stored first response of each Idempotency-Key, per organization and route.
+# The row is inserted at the start of the transaction that creates the resource, so
+# a concurrent request with the same key waits on the primary key until that
+# transaction ends. The response columns are filled before the same commit, so no
+# other transaction ever sees them NULL.
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("organization_id", Uuid, nullable=False),
+    Column("key", String(255), nullable=False),
+    # Method and path, e.g. "POST /v1/instances".
+    Column("route", String(255), nullable=False),
+    # SHA-256 (hex) of the request body as canonical JSON (sorted keys, no whitespace).
+    Column("request_hash", String(64), nullable=False),
+    Column("status_code", Integer, nullable=True),
+    Column("response_body", Text, nullable=True),
+    Column("location", String(255), nullable=True),
+    Column("created_at", DateTime, nullable=False),
+    PrimaryKeyConstraint("organization_id", "key", "route"),
+    ForeignKeyConstraint(["organization_id"], ["organizations.id"]),
+    # Finds an organization's expired keys for the lazy purge.
+    Index("ix_idempotency_keys_org_created", "organization_id", "created_at"),
 )

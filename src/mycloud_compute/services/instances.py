@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.engine import Row
@@ -13,18 +13,27 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from mycloud_compute.persistence import catalog as catalog_store
 from mycloud_compute.persistence import instances as store
 from mycloud_compute.persistence import networks as network_store
+from mycloud_compute.persistence import security_groups as security_group_store
 from mycloud_compute.persistence.clock import utcnow
 from mycloud_compute.persistence.database import Database
 from mycloud_compute.persistence.instances import InstanceFilters
 from mycloud_compute.persistence.tables import flavors, images, instance_actions, tasks
+from mycloud_compute.services import idempotency as idempotency_service
+from mycloud_compute.services import keypairs as keypair_service
 from mycloud_compute.services import networks
+from mycloud_compute.services import security_groups as security_group_service
+from mycloud_compute.services import volumes as volume_service
 from mycloud_compute.services.errors import InvalidParameter, NotFound
+from mycloud_compute.services.idempotency import Idempotency
 from mycloud_compute.services.identity import Principal
 from mycloud_compute.services.lifecycle import PowerState, Status, TaskState, VmState, derive_status
 from mycloud_compute.services.listing import ListQuery, QueryFilter, parse_uuid
 from mycloud_compute.services.text import reject_control_characters
 
 log = logging.getLogger(__name__)
+
+# Most tags one instance may carry.
+MAX_TAGS = 50
 
 
 
@@ -47,10 +56,14 @@ def _parse_name(value: str) -> tuple[str, bool]:
 
 def _parse_status(value: str) -> tuple[str, ...]:
     statuses: list[str] = []
+    valid = ", ".join(Status)
     for part in value.split(","):
         candidate = part.strip().upper()
+        if not candidate:
+            raise InvalidParameter(
+                "status", value, f"status must not contain an empty element; valid statuses: {valid}"
+            )
         if candidate not in Status.__members__:
-            valid = ", ".join(Status)
             raise InvalidParameter(
                 "status", value, f"unknown status {part.strip()!r}; valid statuses: {valid}"
             )
@@ -61,7 +74,12 @@ def _parse_status(value: str) -> tuple[str, ...]:
 
 def _parse_tags(value: str) -> tuple[str, ...]:
     tags: list[str] = []
-    for part in value.split(","):
+    parts = value.split(",")
+    if len(parts) > MAX_TAGS:
+        # An instance holds at most MAX_TAGS tags, so more can never match; the limit
+        # also bounds the cost of the query.
+        raise InvalidParameter("tags", value, f"tags may list at most {MAX_TAGS} tags")
+    for part in parts:
         tag = part.strip()
         if not tag:
             raise InvalidParameter("tags", value, "tags must not contain an empty tag")
@@ -217,43 +235,33 @@ class CreateRequest:
     security_groups: list[str] | None
     metadata: dict[str, str]
     tags: list[str]
+    volumes: list[volume_service.VolumeSpec] = field(default_factory=list)
 
 
 async def _resolve_networks(
     conn: AsyncConnection, organization_id: uuid.UUID, requested: list[uuid.UUID] | None
 ) -> list[uuid.UUID]:
+    # The networks stay locked until the create commits, so that a concurrent
+    # network delete waits and then sees this instance (see networks.delete_network).
     if requested is None:
-        return [await networks.ensure_default_network(conn, organization_id)]
+        return [await networks.ensure_default_network(conn, organization_id, lock=True)]
     if not requested:
         raise InvalidParameter("networks", [], "networks must name at least one network")
     if len(set(requested)) != len(requested):
         raise InvalidParameter("networks", [str(n) for n in requested], "networks must not repeat a network")
-    found = await network_store.get_networks(conn, organization_id, requested)
+    found = await network_store.get_networks(conn, organization_id, requested, lock=True)
     for network_id in requested:
         if network_id not in found:
             raise InvalidParameter("networks", str(network_id), f"network {network_id} not found")
     return requested
 
 
-async def _resolve_security_groups(
-    conn: AsyncConnection, organization_id: uuid.UUID, requested: list[str] | None
-) -> list[str]:
-    names = ["default"] if requested is None else requested
-    for name in names:
-        reject_control_characters("security_groups", name)
-    if len(set(names)) != len(names):
-        raise InvalidParameter("security_groups", names, "security_groups must not repeat a group")
-    if "default" in names:
-        await networks.ensure_default_security_group(conn, organization_id)
-    found = await network_store.find_security_groups(conn, organization_id, names)
-    for name in names:
-        if name not in found:
-            raise InvalidParameter("security_groups", name, f"security group {name!r} not found")
-    return names
-
-
-async def _resolve_catalog(conn: AsyncConnection, request: CreateRequest) -> tuple[Row[Any], Row[Any]]:
-    flavor = await catalog_store.get(conn, flavors, request.flavor_id)
+async def _resolve_catalog(
+    conn: AsyncConnection, principal: Principal, request: CreateRequest
+) -> tuple[Row[Any], Row[Any]]:
+    flavor = await catalog_store.get(
+        conn, flavors, request.flavor_id, include_private=principal.allows("admin")
+    )
     if flavor is None:
         raise InvalidParameter("flavor_id", str(request.flavor_id), f"flavor {request.flavor_id} not found")
     image = await catalog_store.get(conn, images, request.image_id)
@@ -281,13 +289,9 @@ def _check_create(request: CreateRequest) -> None:
     check_description(request.description)
     check_metadata(request.metadata)
     check_tags(request.tags)
+    volume_service.check_specs(request.volumes)
     for key_name in request.key_names:
         reject_control_characters("key_names", key_name)
-    if request.key_names:
-        # TODO: key pairs do not exist yet, so no key name can be resolved.
-        raise InvalidParameter(
-            "key_names", request.key_names[0], f"key pair {request.key_names[0]!r} not found"
-        )
 
 
 async def _record_action(
@@ -341,18 +345,29 @@ async def _enqueue_task(
 
 
 async def create_instance(
-    db: Database, principal: Principal, request: CreateRequest, *, request_id: str | None
+    db: Database,
+    principal: Principal,
+    request: CreateRequest,
+    *,
+    request_id: str | None,
+    idempotency: Idempotency | None = None,
 ) -> Row[Any]:
-    """Store a new instance in BUILD and queue its create task for the worker."""
+    """Store a new instance in BUILD with its volumes reserved, and queue its create task."""
     _check_create(request)
     organization_id = principal.organization_id
     instance_id = uuid.uuid4()
     now = utcnow()
 
     async with db.transaction() as conn:
-        flavor, image = await _resolve_catalog(conn, request)
+        # First, so that a concurrent retry with the same key waits here.
+        await idempotency_service.claim(conn, idempotency)
+        flavor, image = await _resolve_catalog(conn, principal, request)
         network_ids = await _resolve_networks(conn, organization_id, request.networks)
-        group_names = await _resolve_security_groups(conn, organization_id, request.security_groups)
+        groups = await security_group_service.resolve_for_instance(
+            conn, organization_id, request.security_groups
+        )
+        key_names = await keypair_service.resolve_key_names(conn, organization_id, request.key_names)
+        attachments = await volume_service.plan_attachments(conn, organization_id, request.volumes)
 
         await store.insert_instance(
             conn,
@@ -378,9 +393,9 @@ async def create_instance(
                 "host_id": None,
                 "network_ids": [str(network_id) for network_id in network_ids],
                 "addresses": {},
-                "security_groups": [{"name": name} for name in group_names],
-                "volumes_attached": [],
-                "key_names": request.key_names,
+                "security_groups": [{"name": group.name} for group in groups],
+                "volumes_attached": volume_service.attachments_document(attachments),
+                "key_names": key_names,
                 "metadata": request.metadata,
                 "tags": request.tags,
                 "fault": None,
@@ -389,6 +404,12 @@ async def create_instance(
                 "launched_at": None,
                 "terminated_at": None,
             },
+        )
+        await security_group_store.attach_to_instance(
+            conn, organization_id, instance_id, [group.id for group in groups]
+        )
+        await volume_service.apply_attachments(
+            conn, organization_id, instance_id, request.name, attachments, now
         )
         action_id = await _record_action(conn, principal, instance_id, "create", request_id)
         await _enqueue_task(
@@ -400,12 +421,14 @@ async def create_instance(
             action_id=action_id,
         )
         row = await store.get(conn, organization_id, instance_id)
+        assert row is not None
+        await idempotency_service.record(conn, idempotency, row)
 
     log.info(
-        "instance create accepted request_id=%s organization=%s instance_id=%s flavor=%s image=%s",
-        request_id, organization_id, instance_id, flavor.name, image.id,
+        "instance create accepted request_id=%s organization=%s instance_id=%s flavor=%s image=%s "
+        "volumes=%d",
+        request_id, organization_id, instance_id, flavor.name, image.id, len(attachments),
     )
-    assert row is not None
     return row
 
 

@@ -20,7 +20,7 @@ def is_uuid(value: str) -> bool:
 
 
 def reject_control_characters(parameter: str, value: str, *, allow_line_breaks: bool = False) -> None:
-    """Raise InvalidParameter when ``value`` holds a control character."""
+    """Raise InvalidParameter when ``value`` contains a control character."""
     pattern = _CONTROL_EXCEPT_LINE_BREAKS if allow_line_breaks else _CONTROL
     if pattern.search(value):
         raise InvalidParameter(parameter, value, f"{parameter} must not contain control characters")

@@ -1,4 +1,4 @@
-"""The lifecycle worker that runs instance tasks (create, delete) from the task queue."""
+"""The lifecycle worker that runs instance tasks (create, delete, actions) from the task queue."""
 
 from mycloud_compute.worker.runner import (
     Worker,

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from mycloud_compute.drivers.base import DriverError, InstanceSpec, Vif
 from mycloud_compute.persistence import instances as instance_store
 from mycloud_compute.persistence import networks as network_store
+from mycloud_compute.persistence import volumes as volume_store
 from mycloud_compute.persistence.clock import utcnow
 from mycloud_compute.persistence.tasks import TaskRunState
 from mycloud_compute.scheduler.scheduler import ResourceRequest, explain_no_valid_host, select_host
@@ -147,13 +148,27 @@ async def _schedule(ctx: TaskContext) -> bool:
 
 
 async def _prepare_block_devices(ctx: TaskContext) -> bool:
-    spec = await _start_driver_step(ctx, TaskState.BLOCK_DEVICE_MAPPING)
-    if spec is None:
-        return False
+    """Create the root disk, then mark the volumes the API reserved for the instance ATTACHED."""
+    step = TaskState.BLOCK_DEVICE_MAPPING
+    async with ctx.locked_instance(step) as (conn, instance):
+        if not await _enter_step(ctx, conn, instance, step):
+            return False
+        spec = await _require_spec(conn, instance)
+        has_volumes = bool(instance.volumes_attached)
     try:
         await ctx.driver.prepare_block_devices(spec)
     except DriverError as exc:
         raise BuildFailed("Failed to prepare the block devices", str(exc)) from exc
+    if not has_volumes:
+        return True
+
+    # NOTE: the driver interface has no call to attach a volume, so the attachment
+    # is recorded in the database only. A real hypervisor driver needs one here.
+    async with ctx.locked_instance() as (conn, instance):
+        attached = await volume_store.mark_attached(
+            conn, instance.organization_id, instance.id, utcnow()
+        )
+    log.info("instance volumes attached count=%d %s", attached, ctx.log_ids)
     return True
 
 

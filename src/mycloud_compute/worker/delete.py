@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from mycloud_compute.drivers.base import DriverError
+from mycloud_compute.persistence import volumes as volume_store
 from mycloud_compute.persistence.clock import utcnow
 from mycloud_compute.persistence.tasks import TaskRunState
 from mycloud_compute.services.lifecycle import PowerState, Status, TaskState, VmState
@@ -45,17 +46,23 @@ async def run_delete(ctx: TaskContext) -> None:
 
     async with ctx.locked_instance() as (conn, instance):
         released = await release_resources(conn, instance)
+        # delete_on_termination volumes are deleted, the others become AVAILABLE.
+        volumes_deleted, volumes_detached = await volume_store.release_instance_volumes(
+            conn, instance.organization_id, instance.id, utcnow()
+        )
         await ctx.update_instance(
             conn,
             {
                 **state_values(VmState.DELETED, None, PowerState.NOSTATE),
                 **released,
+                "volumes_attached": [],
                 "terminated_at": utcnow(),
             },
         )
         await ctx.finish(conn, TaskRunState.SUCCEEDED, action_status=ACTION_SUCCEEDED)
     log.info(
-        "instance deleted status=%s host=%s %s", Status.DELETED, spec.host if spec else None, ctx.log_ids
+        "instance deleted status=%s host=%s volumes_deleted=%d volumes_detached=%d %s",
+        Status.DELETED, spec.host if spec else None, volumes_deleted, volumes_detached, ctx.log_ids,
     )
 
 

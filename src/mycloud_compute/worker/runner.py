@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import prometheus_client
 from sqlalchemy.exc import SQLAlchemyError
 
 from mycloud_compute.drivers.base import ComputeDriver
@@ -39,9 +40,26 @@ from mycloud_compute.worker.context import (
     state_values,
 )
 from mycloud_compute.worker.create import give_up_create, run_create
-from mycloud_compute.worker.delete import give_up_delete, run_delete
+from mycloud_compute.worker.delete import give_up_delete
+from mycloud_compute.worker.power import give_up_power, run_power
+from mycloud_compute.worker.resize import (
+    give_up_resize,
+    give_up_resize_end,
+    run_confirm_resize,
+    run_delete_after_resize_cleanup,
+    run_resize,
+    run_revert_resize,
+)
 
 log = logging.getLogger(__name__)
+
+# Exported by GET /metrics in the API processes that run an embedded worker. A
+# standalone worker serves no HTTP, so its counts are not scraped.
+TASKS_FINISHED = prometheus_client.Counter(
+    "mycloud_compute_worker_tasks_finished",
+    "Tasks this process's worker ran to an end, by action and final state.",
+    ["action", "outcome"],
+)
 
 # Errors that a database or network outage raises; a claim that fails with one is
 # retried at the next poll.
@@ -58,7 +76,13 @@ class TaskKind:
 
 TASK_KINDS: dict[str, TaskKind] = {
     "create": TaskKind(run=run_create, give_up=give_up_create),
-    "delete": TaskKind(run=run_delete, give_up=give_up_delete),
+    "delete": TaskKind(run=run_delete_after_resize_cleanup, give_up=give_up_delete),
+    "start": TaskKind(run=run_power, give_up=give_up_power),
+    "stop": TaskKind(run=run_power, give_up=give_up_power),
+    "reboot": TaskKind(run=run_power, give_up=give_up_power),
+    "resize": TaskKind(run=run_resize, give_up=give_up_resize),
+    "confirm-resize": TaskKind(run=run_confirm_resize, give_up=give_up_resize_end),
+    "revert-resize": TaskKind(run=run_revert_resize, give_up=give_up_resize_end),
 }
 
 
@@ -236,6 +260,7 @@ class Worker:
             await asyncio.gather(heartbeat, return_exceptions=True)
         if ctx.outcome is not None:
             self.outcomes[(task.action, ctx.outcome.value)] += 1
+            TASKS_FINISHED.labels(task.action, ctx.outcome.value).inc()
 
     async def _run_task(self, ctx: TaskContext) -> None:
         kind = TASK_KINDS.get(ctx.task.action)
@@ -325,8 +350,7 @@ class Worker:
 
     async def _reject_unknown_action(self, ctx: TaskContext) -> None:
         """Fail a task this worker has no handler for, clearing the instance's task_state."""
-        # TODO: handlers for start, stop, reboot and resize; until they exist such
-        # tasks fail here and leave the instance in its previous vm_state.
+        # E.g. a task queued by a newer API version than this worker knows.
         message = f"This worker cannot run the {ctx.task.action!r} action"
         try:
             async with ctx.locked_instance() as (conn, instance):

@@ -11,6 +11,7 @@ from litestar.status_codes import HTTP_202_ACCEPTED
 
 from mycloud_compute.api import views
 from mycloud_compute.api.bodies import strict_body
+from mycloud_compute.api.idempotency import create_once, idempotent_operation, json_response
 from mycloud_compute.api.links import page_links, page_meta
 from mycloud_compute.api.openapi import ITEM_ERRORS, READ_ERRORS, WRITE_ERRORS, list_operation
 from mycloud_compute.api.routes.common import path_id
@@ -19,6 +20,7 @@ from mycloud_compute.persistence.database import Database
 from mycloud_compute.services import instances as service
 from mycloud_compute.services.identity import Principal
 from mycloud_compute.services.listing import parse_list_query
+from mycloud_compute.services.volumes import VolumeSpec
 from mycloud_compute.settings import Settings
 
 AuthRequest = Request[Principal, None, State]
@@ -59,6 +61,7 @@ async def list_instances(request: AuthRequest, db: Database, settings: Settings)
     status_code=HTTP_202_ACCEPTED,
     summary="Create an instance",
     description="Accept a create request; the instance builds asynchronously (status BUILD).",
+    operation_class=idempotent_operation(),
     responses=WRITE_ERRORS,
     tags=["instances"],
 )
@@ -66,26 +69,30 @@ async def create_instance(
     request: AuthRequest, data: InstanceCreate, db: Database, settings: Settings, request_id: str
 ) -> Response[Instance]:
     data = await strict_body(request, InstanceCreate)
-    row = await service.create_instance(
-        db,
-        request.user,
-        service.CreateRequest(
-            name=data.name,
-            flavor_id=data.flavor_id,
-            image_id=data.image_id,
-            description=data.description,
-            networks=data.networks,
-            key_names=data.key_names,
-            security_groups=data.security_groups,
-            metadata=data.metadata,
-            tags=data.tags,
-        ),
-        request_id=request_id,
+    create_request = service.CreateRequest(
+        name=data.name,
+        flavor_id=data.flavor_id,
+        image_id=data.image_id,
+        description=data.description,
+        networks=data.networks,
+        key_names=data.key_names,
+        security_groups=data.security_groups,
+        metadata=data.metadata,
+        tags=data.tags,
+        volumes=[
+            VolumeSpec(item.size_gb, item.volume_id, item.delete_on_termination)
+            for item in data.volumes
+        ],
     )
-    return Response(
-        views.instance(row, settings.region),
-        status_code=HTTP_202_ACCEPTED,
-        headers={"Location": f"/v1/instances/{row.id}"},
+    return await create_once(
+        request,
+        db,
+        lambda idempotency: service.create_instance(
+            db, request.user, create_request, request_id=request_id, idempotency=idempotency
+        ),
+        lambda row: json_response(
+            views.instance(row, settings.region), HTTP_202_ACCEPTED, f"/v1/instances/{row.id}"
+        ),
     )
 
 

@@ -1,4 +1,4 @@
-"""Operations endpoints that need no token: health, readiness and the API docs."""
+"""Operations endpoints that need no token: health, readiness, metrics and the API docs."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ from typing import Any
 
 import openapi_ui_bundles
 from litestar import Response, get
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.static_files import create_static_files_router
 
+from mycloud_compute.api import metrics as request_metrics
 from mycloud_compute.api.openapi import ERROR_503
 from mycloud_compute.api.schemas import Health
 from mycloud_compute.persistence.database import Database
@@ -36,6 +38,28 @@ async def readyz(db: Database) -> Health:
     except Exception as exc:  # any failure to reach the database means "not ready"
         raise ServiceUnavailable("the database is not reachable") from exc
     return Health(status="ok")
+
+
+@get(
+    "/metrics",
+    summary="Prometheus metrics",
+    description="Request counts and latencies by route and status, database pool usage, "
+    "lifecycle tasks by state and task outcomes, in the Prometheus text format.",
+    tags=["operations"],
+    security=NO_TOKEN,
+    responses={
+        200: ResponseSpec(
+            data_container=str,
+            description="Metrics in the Prometheus text exposition format",
+            media_type=request_metrics.CONTENT_TYPE,
+            generate_examples=False,
+        )
+    },
+)
+async def metrics(db: Database) -> Response[bytes]:
+    body = await request_metrics.render(db)
+    # An explicit header, because Litestar would append a second charset to text/ types.
+    return Response(body, headers={"content-type": request_metrics.CONTENT_TYPE})
 
 
 # validatorUrl: null turns off Swagger UI's online validator badge, which would load an
@@ -73,4 +97,4 @@ docs_assets = create_static_files_router(
     opt={"public": True},
 )
 
-ROUTES: list[Any] = [healthz, readyz, docs, docs_assets]
+ROUTES: list[Any] = [healthz, readyz, metrics, docs, docs_assets]

@@ -1,0 +1,232 @@
+"""Idempotency keys: a create request repeated with the same key creates nothing new.
+
+A client sends ``Idempotency-Key`` with a creating POST. The first request that
+succeeds stores its response (status, body, Location) under the key, scoped by
+organization and route, in the same transaction that creates the resource. A
+repeat within KEY_LIFETIME with the same body gets that response back; the same
+key with a different body is a 409. Failed requests store nothing, so they can be
+retried with the same key.
+
+Concurrent requests with one key are serialized by the key's primary key. The
+creating transaction inserts the key row first (``claim``), before it touches
+anything else. On PostgreSQL a second transaction's INSERT of the same key waits
+until the first commits and then fails with a unique violation. On SQLite the
+writers run one at a time, so the second finds the committed row. Either way the
+loser's transaction rolls back, and ``create_once`` reads the stored response and
+returns it: exactly one resource is created, and every request gets the same
+answer.
+
+To make a creating route idempotent, the service function takes an
+``Idempotency | None`` argument, calls ``claim`` at the start and ``record`` at the
+end of its transaction, and the route wraps the call in ``create_once`` (the HTTP
+layer has a helper for that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+from sqlalchemy.engine import Row
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mycloud_compute.persistence import idempotency as store
+from mycloud_compute.persistence.clock import utcnow
+from mycloud_compute.persistence.database import Database
+from mycloud_compute.services.errors import Conflict, InvalidParameter, InvalidRequest
+
+log = logging.getLogger(__name__)
+
+HEADER = "Idempotency-Key"
+KEY_LIFETIME = timedelta(hours=24)
+MAX_KEY_LENGTH = 255
+# Printable ASCII, space included. HTTP servers strip spaces at either end of a header value.
+_KEY = re.compile(r"^[\x20-\x7e]+$")
+# Times create_once runs the create when, after a KeyTaken, it cannot read the stored
+# row. That happens only when the winner's row expires or is purged in between.
+CLAIM_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    """A response as sent: status, JSON body bytes and the Location header (or None)."""
+
+    status_code: int
+    body: bytes
+    location: str | None
+
+
+@dataclass(frozen=True)
+class IdempotencyKey:
+    """A validated key with its scope and the hash of the request body it came with."""
+
+    organization_id: uuid.UUID
+    key: str
+    route: str
+    request_hash: str
+
+
+@dataclass
+class Idempotency:
+    """The key of an idempotent create, with the function that renders its response.
+
+    ``record`` keeps the rendered response in ``response``, so the first response
+    sent is the stored bytes.
+    """
+
+    key: IdempotencyKey
+    render: Callable[[Row[Any]], StoredResponse]
+    response: StoredResponse | None = field(default=None)
+
+
+class KeyTaken(Exception):
+    """Raised when another transaction stored the same key first. The caller's transaction rolls back."""
+
+
+def check_key(values: list[str]) -> str | None:
+    """Return the Idempotency-Key header value, or None when it is absent.
+
+    Raises InvalidParameter (400) when the value is invalid or given twice.
+    """
+    if not values:
+        return None
+    if len(values) > 1:
+        raise InvalidParameter(HEADER, values[0][:MAX_KEY_LENGTH], f"{HEADER} is given more than once")
+    value = values[0]
+    if not 1 <= len(value) <= MAX_KEY_LENGTH or not _KEY.match(value):
+        raise InvalidParameter(
+            HEADER,
+            value[: MAX_KEY_LENGTH + 1],
+            f"{HEADER} must be 1 to {MAX_KEY_LENGTH} printable ASCII characters",
+        )
+    return value
+
+
+def hash_body(body: bytes) -> str:
+    """Return the SHA-256 (hex) of the body as canonical JSON: sorted keys, no whitespace.
+
+    Two bodies hash alike when they hold the same JSON value, whatever their key
+    order and spacing.
+    """
+    try:
+        value = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest("the request body is not valid JSON") from exc
+    return hashlib.sha256(msgspec.json.encode(value, order="sorted")).hexdigest()
+
+
+def _stored(row: Row[Any], key: IdempotencyKey) -> StoredResponse:
+    if row.request_hash != key.request_hash:
+        raise Conflict(
+            f"{HEADER} {key.key!r} was already used with a different request body. "
+            "Send a new key for a different request.",
+            {"parameter": HEADER},
+        )
+    return StoredResponse(row.status_code, row.response_body.encode(), row.location)
+
+
+async def find_response(db: Database, key: IdempotencyKey, *, on_writer: bool = False) -> StoredResponse | None:
+    """Return the stored response of a live key, or None when there is none.
+
+    Raises Conflict when the key was stored with a different body. ``on_writer``
+    reads from the primary, for a read that must see a commit that just happened.
+    """
+    since = utcnow() - KEY_LIFETIME
+    session = db.transaction() if on_writer else db.snapshot()
+    async with session as conn:
+        row = await store.find(conn, key.organization_id, key.key, key.route, since=since)
+    return None if row is None else _stored(row, key)
+
+
+async def claim(conn: AsyncConnection, idempotency: Idempotency | None) -> None:
+    """Insert the key's row at the start of a creating transaction (nothing without a key).
+
+    Raises KeyTaken when another transaction has stored the key. The caller must
+    let it propagate, so that its transaction rolls back.
+    """
+    if idempotency is None:
+        return
+    key = idempotency.key
+    now = utcnow()
+    try:
+        await store.insert_claim(
+            conn,
+            key.organization_id,
+            key.key,
+            key.route,
+            request_hash=key.request_hash,
+            now=now,
+            expired_before=now - KEY_LIFETIME,
+        )
+    except IntegrityError as exc:
+        raise KeyTaken(f"{HEADER} {key.key!r} is stored already") from exc
+    await store.purge_expired(conn, key.organization_id, expired_before=now - KEY_LIFETIME)
+
+
+async def record(conn: AsyncConnection, idempotency: Idempotency | None, row: Row[Any]) -> None:
+    """Store the response for the created ``row`` in the creating transaction (nothing without a key)."""
+    if idempotency is None:
+        return
+    key = idempotency.key
+    response = idempotency.render(row)
+    await store.store_response(
+        conn,
+        key.organization_id,
+        key.key,
+        key.route,
+        status_code=response.status_code,
+        body=response.body.decode(),
+        location=response.location,
+    )
+    idempotency.response = response
+
+
+async def create_once(
+    db: Database,
+    key: IdempotencyKey | None,
+    create: Callable[[Idempotency | None], Awaitable[Row[Any]]],
+    render: Callable[[Row[Any]], StoredResponse],
+) -> StoredResponse:
+    """Run ``create`` unless ``key`` already has a stored response, and return the response."""
+    if key is None:
+        return render(await create(None))
+
+    stored = await find_response(db, key)
+    if stored is not None:
+        log.info("idempotent replay organization=%s route=%r key=%r", key.organization_id, key.route, key.key)
+        return stored
+
+    for _ in range(CLAIM_ATTEMPTS):
+        idempotency = Idempotency(key, render)
+        try:
+            await create(idempotency)
+        except KeyTaken:
+            stored = await find_response(db, key, on_writer=True)
+            if stored is not None:
+                log.info(
+                    "idempotent replay after a concurrent request organization=%s route=%r key=%r",
+                    key.organization_id, key.route, key.key,
+                )
+                return stored
+            log.warning(
+                "idempotency key not found after a conflict, retrying the create "
+                "organization=%s route=%r key=%r",
+                key.organization_id, key.route, key.key,
+            )
+            continue
+        if idempotency.response is None:
+            raise RuntimeError(f"the create function for {key.route} did not record its response")
+        return idempotency.response
+
+    raise Conflict(
+        f"a request with {HEADER} {key.key!r} is still in progress. Retry it later.",
+        {"parameter": HEADER},
+    )
