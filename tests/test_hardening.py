@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import Backend, Org, free_port, start_process
-from helpers import UBUNTU_IMAGE, assert_error, create_instance
+from helpers import SMALL_FLAVOR, UBUNTU_IMAGE, assert_error, create_instance
 
 from mycloud_compute.persistence.database import Database
 from mycloud_compute.services import identity
@@ -158,3 +158,27 @@ def _get_when_up(url: str) -> httpx.Response:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def test_empty_security_groups_rejected(org: Org) -> None:
+    """An empty list used to create an instance with no group and so no rules at all."""
+    with org.client() as client:
+        response = client.post(
+            "/v1/instances",
+            json={"name": "bare", "flavor_id": SMALL_FLAVOR, "image_id": UBUNTU_IMAGE,
+                  "security_groups": []},
+        )
+    error = assert_error(response, 400, "invalid_parameter")
+    assert error["details"]["parameter"] == "security_groups"
+
+
+def test_private_key_not_echoed(org: Org) -> None:
+    private_key = (
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmU=\n"
+        "-----END OPENSSH PRIVATE KEY-----\n"
+    )
+    with org.client() as client:
+        response = client.post("/v1/keypairs", json={"name": "oops", "public_key": private_key})
+    error = assert_error(response, 400, "invalid_parameter")
+    assert "private key" in error["message"]
+    assert "b3BlbnNzaC1rZXktdjEAAAAABG5vbmU" not in response.text

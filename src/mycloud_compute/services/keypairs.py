@@ -100,6 +100,14 @@ def parse_public_key(text: str) -> PublicKey:
     "SHA256:" and the unpadded base64 SHA-256 digest of the key blob.
     """
     stripped = text.strip()
+    if "PRIVATE KEY" in stripped:
+        # Never echo a private key back: error bodies end up in client logs.
+        raise InvalidParameter(
+            "public_key",
+            None,
+            "public_key looks like a private key; send the public key (the .pub file) "
+            "and keep the private key secret",
+        )
     reject_control_characters("public_key", stripped)
     fields = stripped.split(None, 2)
     if len(fields) < 2:

@@ -343,7 +343,12 @@ async def resolve_for_instance(
     if len(set(names)) != len(names):
         raise InvalidParameter("security_groups", names, "security_groups must not repeat a group")
     if not names:
-        return []
+        # An instance without a group would get no rules at all, not even egress.
+        raise InvalidParameter(
+            "security_groups",
+            [],
+            "security_groups must name at least one group; leave it out to get 'default'",
+        )
     if networks.DEFAULT_SECURITY_GROUP in names:
         await networks.ensure_default_security_group(conn, organization_id)
     found = await store.find_by_names(conn, organization_id, names, lock=True)
