@@ -19,6 +19,8 @@ FORBIDDEN = {
     "scheduler": {"api", "worker", "cli"},
     "worker": {"api", "cli"},
     "api": {"cli"},
+    # The SDK is the customer's side of the HTTP API: it reaches the service only over HTTP.
+    "client": {"api", "services", "persistence", "worker", "scheduler", "drivers", "cli"},
 }
 
 
