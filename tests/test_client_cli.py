@@ -271,3 +271,46 @@ def test_readme_client_example(org: Org, monkeypatch: pytest.MonkeyPatch, capsys
     monkeypatch.setenv("MYCLOUD_TOKEN", org.tokens["rw"])
     exec(compile(example, "README.md", "exec"), {})
     assert "readme-web-1 ACTIVE" in capsys.readouterr().out
+
+
+# --- regressions from a first user's session --------------------------------------------
+
+
+def test_private_key_refused_before_request(tmp_path: Path) -> None:
+    """The private half of a key pair used to be uploaded before the server refused it."""
+    key_file = tmp_path / "id_ed25519"
+    key_file.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----\n")
+    # Nothing listens on this port, so any request would end in exit 4, not 2.
+    dead_url = f"http://127.0.0.1:{free_port()}"
+    result = run(None, "--url", dead_url, "--token", "unused",
+                 "keypairs", "create", "k", "--public-key-file", str(key_file))
+    assert result.exit_code == 2, result.output
+    assert "private key" in result.output
+
+
+def test_list_says_when_more_pages(org: Org) -> None:
+    with Client(org.api.base_url, org.tokens["rw"]) as client:
+        for number in range(3):
+            client.instances.create(name=f"page-{number}", flavor_id=TINY_FLAVOR, image_id=CIRROS_IMAGE)
+    result = run(org, "instances", "list", "--limit", "2", "-o", "json")
+    assert result.exit_code == 0, result.output
+    assert "Showing 2 of 3; use --all" in result.stderr
+    assert len(msgspec.json.decode(result.stdout)) == 2
+
+
+def test_delete_continues_after_bad_id(org: Org) -> None:
+    """One unknown id stopped the loop and left the following instances running."""
+    with Client(org.api.base_url, org.tokens["rw"]) as client:
+        first = client.instances.create(name="first", flavor_id=TINY_FLAVOR, image_id=CIRROS_IMAGE)
+        last = client.instances.create(name="last", flavor_id=TINY_FLAVOR, image_id=CIRROS_IMAGE)
+    unknown = str(uuid.UUID(int=5))
+    result = run(org, "instances", "delete", str(first.id), unknown, str(last.id))
+    assert result.exit_code == 3, result.output
+    assert f"Delete of {last.id} accepted." in result.stderr
+    assert f"{unknown}: instance {unknown} not found" in result.stderr
+
+
+def test_url_without_scheme_is_usage_error(org: Org) -> None:
+    result = run(org, "instances", "list", url="127.0.0.1:8093")
+    assert result.exit_code == 2, result.output
+    assert "http://" in result.output

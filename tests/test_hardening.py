@@ -182,3 +182,16 @@ def test_private_key_not_echoed(org: Org) -> None:
     error = assert_error(response, 400, "invalid_parameter")
     assert "private key" in error["message"]
     assert "b3BlbnNzaC1rZXktdjEAAAAABG5vbmU" not in response.text
+
+
+def test_failed_request_logged_with_id(org: Org) -> None:
+    """Only successful writes were logged, so ids quoted from error messages led nowhere."""
+    with org.client("read") as client:
+        response = client.get("/v1/instances", params={"limit": "0"})
+    request_id = response.headers["x-request-id"]
+    deadline = time.monotonic() + 5
+    while request_id not in org.api.logs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = next(line for line in org.api.logs().splitlines() if request_id in line)
+    assert "status=400" in line
+    assert "path=/v1/instances" in line

@@ -103,7 +103,14 @@ class RequestContextMiddleware:
                 return
             await self.app(scope, receive, send_with_headers)
         finally:
-            self.metrics.record(scope, status, time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self.metrics.record(scope, status, elapsed)
+            # One line per request, so every request id a client quotes can be found.
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "request method=%s path=%s status=%d duration_ms=%.1f request_id=%s",
+                    scope["method"], path[:200], status, elapsed * 1000, request_id,
+                )
 
     @staticmethod
     async def _send_415(request_id: str, send: Any) -> None:

@@ -108,7 +108,9 @@ class Settings:
             if not url:
                 raise click.UsageError(
                     f"no API URL: pass --url, set MYCLOUD_URL or add url to a profile in {config_path()}")
-            if not token:
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise click.UsageError(f"the API URL must start with http:// or https://, got {url!r}")
+            if not isinstance(token, str) or not token:
                 raise click.UsageError(
                     f"no API token: set MYCLOUD_TOKEN, pass --token or add token to a profile in {config_path()}")
             self._client = Client(url, token, timeout=self.timeout)
@@ -306,7 +308,14 @@ def fetch_pages(
 ) -> list[Any]:
     """Fetch one page, or with ``walk_all`` every page, showing progress on a terminal."""
     if not walk_all:
-        return list_page(limit=limit, marker=marker, **filters).items
+        page = list_page(limit=limit, marker=marker, **filters)
+        if page.meta.has_more:
+            click.echo(
+                f"Showing {len(page.items)} of {page.meta.total}; use --all, or --marker "
+                f"{page.meta.marker} for the next page.",
+                err=True,
+            )
+        return page.items
 
     items: list[Any] = []
     page_size = limit or MAX_PAGE_SIZE
@@ -534,11 +543,24 @@ def instances_update(settings: Settings, instance_id: str, name: str | None, des
 def instances_delete(settings: Settings, instance_ids: tuple[str, ...], wait: bool, wait_timeout: float) -> None:
     """Delete one or more instances."""
     client = settings.client()
+    accepted: list[str] = []
+    failures: list[APIError] = []
     for instance_id in instance_ids:
-        client.instances.delete(instance_id)
+        try:
+            client.instances.delete(instance_id)
+        except APIError as error:
+            # Keep going: one bad id must not leave the other instances running.
+            click.echo(f"Error: {instance_id}: {error.message} (HTTP {error.status} "
+                       f"{error.type}, request id {error.request_id})", err=True)
+            failures.append(error)
+            continue
+        click.echo(f"Delete of {instance_id} accepted.", err=True)
+        accepted.append(instance_id)
     if wait:
-        for instance_id in instance_ids:
+        for instance_id in accepted:
             wait_and_report(client, instance_id, "DELETED", wait_timeout)
+    if failures:
+        click.get_current_context().exit(EXIT_API_ERROR)
 
 
 def action_command(name: str, help_text: str, run: Callable[[Client, str], Action]) -> None:
@@ -718,6 +740,12 @@ def keypairs_create(settings: Settings, name: str, public_key_file: Path, output
                     columns: tuple[str, ...]) -> None:
     """Import the public key of a key pair NAME."""
     public_key = public_key_file.read_text().strip()
+    if "PRIVATE KEY" in public_key:
+        # Refused before any request: the private key must never leave this machine.
+        raise click.BadParameter(
+            f"{public_key_file} holds a private key; pass the public key (the .pub file)",
+            param_hint="--public-key-file",
+        )
     print_item(settings.client().keypairs.create(name=name, public_key=public_key), output, columns)
 
 
@@ -770,6 +798,21 @@ def volumes_create(settings: Settings, name: str, size: int, output: str | None,
     print_item(settings.client().volumes.create(name=name, size_gb=size), output, columns)
 
 
+EXIT_INTERRUPTED = 130
+
+
 def main() -> None:
     """Run the ``mycloud`` command (shell completion: ``_MYCLOUD_COMPLETE=bash_source mycloud``)."""
-    cli(prog_name="mycloud")
+    try:
+        # Without standalone mode, click returns ctx.exit() codes instead of exiting.
+        code = cli(prog_name="mycloud", standalone_mode=False)
+    except click.exceptions.Abort:
+        # Ctrl-C: stop waiting; whatever the API accepted goes on without us.
+        click.echo("\nInterrupted; requests already accepted by the API still complete.", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
