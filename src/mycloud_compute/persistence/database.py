@@ -87,9 +87,19 @@ class Database:
 
     @asynccontextmanager
     async def snapshot(self) -> AsyncIterator[AsyncConnection]:
-        """A read-only transaction, on the replica when one is configured."""
-        async with self.reader.begin() as connection:
-            yield connection
+        """A connection for reads, on the replica when one is configured.
+
+        On PostgreSQL the reads run in autocommit mode. Under READ COMMITTED every
+        statement takes its own snapshot anyway, so BEGIN and COMMIT would only add
+        two round trips to each request. SQLite reads share one transaction.
+        """
+        if self.is_sqlite:
+            async with self.reader.begin() as connection:
+                yield connection
+            return
+        async with self.reader.connect() as connection:
+            autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+            yield autocommit
 
     async def ping(self) -> None:
         """Check that the database answers and has been migrated (``db upgrade``)."""
