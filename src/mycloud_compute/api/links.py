@@ -6,7 +6,7 @@ import ipaddress
 import re
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
 from litestar import Request
@@ -91,3 +91,41 @@ def page_links(
 
 def page_meta(total: int, limit: int, last_id: uuid.UUID | None, has_more: bool) -> PageMeta:
     return PageMeta(total=total, limit=limit, marker=last_id, has_more=has_more)
+
+
+class ListPage(Protocol):
+    """What the services' list results share: rows with ids and the paging facts."""
+
+    @property
+    def rows(self) -> Sequence[Any]: ...
+    @property
+    def total(self) -> int: ...
+    @property
+    def has_more(self) -> bool: ...
+    @property
+    def previous_marker(self) -> uuid.UUID | None: ...
+    @property
+    def previous_is_first(self) -> bool: ...
+
+
+def page_envelope(
+    request: Request[Any, Any, Any],
+    settings: Settings,
+    query: ListQuery,
+    declared: Sequence[QueryFilter],
+    page: ListPage,
+) -> tuple[PageMeta, PageLinks]:
+    """Build the ``meta`` and ``links`` of a list response from a service's page."""
+    last_id = page.rows[-1].id if page.rows else None
+    meta = page_meta(page.total, query.limit, last_id, page.has_more)
+    links = page_links(
+        request,
+        settings,
+        query,
+        declared,
+        last_id=last_id,
+        has_more=page.has_more,
+        previous_marker=page.previous_marker,
+        previous_is_first=page.previous_is_first,
+    )
+    return meta, links

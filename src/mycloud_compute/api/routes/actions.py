@@ -13,7 +13,7 @@ from litestar.status_codes import HTTP_202_ACCEPTED
 from sqlalchemy.engine import Row
 
 from mycloud_compute.api.bodies import strict_body
-from mycloud_compute.api.links import page_links, page_meta
+from mycloud_compute.api.links import page_envelope
 from mycloud_compute.api.openapi import ITEM_ERRORS, WRITE_ERRORS, list_operation
 from mycloud_compute.api.routes.common import path_id
 from mycloud_compute.api.schemas import (
@@ -249,21 +249,8 @@ async def list_actions(
 ) -> InstanceActionList:
     query = parse_list_query(request.scope["query_string"], ())
     page = await service.list_actions(db, request.user, path_id("instance", instance_id), query)
-    last_id = page.rows[-1].id if page.rows else None
-    return InstanceActionList(
-        actions=[_record(row) for row in page.rows],
-        meta=page_meta(page.total, query.limit, last_id, page.has_more),
-        links=page_links(
-            request,
-            settings,
-            query,
-            (),
-            last_id=last_id,
-            has_more=page.has_more,
-            previous_marker=page.previous_marker,
-            previous_is_first=page.previous_is_first,
-        ),
-    )
+    meta, links = page_envelope(request, settings, query, (), page)
+    return InstanceActionList(actions=[_record(row) for row in page.rows], meta=meta, links=links)
 
 
 ROUTES = [

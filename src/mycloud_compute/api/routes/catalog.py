@@ -8,7 +8,7 @@ from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
 from mycloud_compute.api import views
 from mycloud_compute.api.bodies import strict_body
-from mycloud_compute.api.links import page_links, page_meta
+from mycloud_compute.api.links import page_envelope
 from mycloud_compute.api.openapi import ITEM_ERRORS, READ_ERRORS, WRITE_ERRORS, list_operation
 from mycloud_compute.api.routes.common import path_id
 from mycloud_compute.api.schemas import (
@@ -35,18 +35,7 @@ async def _page(
 ) -> tuple[service.CatalogPage, PageMeta, PageLinks]:
     query = parse_list_query(request.scope["query_string"], ())
     page = await service.list_items(db, kind, query, include_private=request.user.allows("admin"))
-    last_id = page.rows[-1].id if page.rows else None
-    meta = page_meta(page.total, query.limit, last_id, page.has_more)
-    links = page_links(
-        request,
-        settings,
-        query,
-        (),
-        last_id=last_id,
-        has_more=page.has_more,
-        previous_marker=page.previous_marker,
-        previous_is_first=page.previous_is_first,
-    )
+    meta, links = page_envelope(request, settings, query, (), page)
     return page, meta, links
 
 

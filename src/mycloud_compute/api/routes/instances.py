@@ -12,7 +12,7 @@ from litestar.status_codes import HTTP_202_ACCEPTED
 from mycloud_compute.api import views
 from mycloud_compute.api.bodies import strict_body
 from mycloud_compute.api.idempotency import create_once, idempotent_operation, json_response
-from mycloud_compute.api.links import page_links, page_meta
+from mycloud_compute.api.links import page_envelope
 from mycloud_compute.api.openapi import ITEM_ERRORS, READ_ERRORS, WRITE_ERRORS, list_operation
 from mycloud_compute.api.routes.common import path_id
 from mycloud_compute.api.schemas import Instance, InstanceCreate, InstanceList, InstanceUpdate
@@ -38,21 +38,8 @@ AuthRequest = Request[Principal, None, State]
 async def list_instances(request: AuthRequest, db: Database, settings: Settings) -> InstanceList:
     query = parse_list_query(request.scope["query_string"], service.INSTANCE_FILTERS)
     page = await service.list_instances(db, request.user, query)
-    last_id = page.rows[-1].id if page.rows else None
-    return InstanceList(
-        instances=[views.instance(row, settings.region) for row in page.rows],
-        meta=page_meta(page.total, query.limit, last_id, page.has_more),
-        links=page_links(
-            request,
-            settings,
-            query,
-            service.INSTANCE_FILTERS,
-            last_id=last_id,
-            has_more=page.has_more,
-            previous_marker=page.previous_marker,
-            previous_is_first=page.previous_is_first,
-        ),
-    )
+    meta, links = page_envelope(request, settings, query, service.INSTANCE_FILTERS, page)
+    return InstanceList(instances=[views.instance(row, settings.region) for row in page.rows], meta=meta, links=links)
 
 
 @post(

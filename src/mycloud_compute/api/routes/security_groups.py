@@ -10,7 +10,7 @@ from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from sqlalchemy.engine import Row
 
 from mycloud_compute.api.bodies import strict_body
-from mycloud_compute.api.links import page_links, page_meta
+from mycloud_compute.api.links import page_envelope
 from mycloud_compute.api.openapi import ITEM_ERRORS, READ_ERRORS, WRITE_ERRORS, list_operation
 from mycloud_compute.api.routes.common import path_id
 from mycloud_compute.api.schemas import (
@@ -78,21 +78,8 @@ async def list_security_groups(
 ) -> SecurityGroupList:
     query = parse_list_query(request.scope["query_string"], ())
     page, groups = await service.list_groups(db, request.user.organization_id, query)
-    last_id = page.rows[-1].id if page.rows else None
-    return SecurityGroupList(
-        security_groups=[group_view(group) for group in groups],
-        meta=page_meta(page.total, query.limit, last_id, page.has_more),
-        links=page_links(
-            request,
-            settings,
-            query,
-            (),
-            last_id=last_id,
-            has_more=page.has_more,
-            previous_marker=page.previous_marker,
-            previous_is_first=page.previous_is_first,
-        ),
-    )
+    meta, links = page_envelope(request, settings, query, (), page)
+    return SecurityGroupList(security_groups=[group_view(group) for group in groups], meta=meta, links=links)
 
 
 @post(

@@ -11,7 +11,7 @@ from sqlalchemy.engine import Row
 
 from mycloud_compute.api.bodies import strict_body
 from mycloud_compute.api.idempotency import create_once, idempotent_operation, json_response
-from mycloud_compute.api.links import page_links, page_meta
+from mycloud_compute.api.links import page_envelope
 from mycloud_compute.api.openapi import (
     ERROR_409,
     ITEM_ERRORS,
@@ -59,21 +59,8 @@ def volume_view(row: Row[Any], region: str) -> Volume:
 async def list_volumes(request: AuthRequest, db: Database, settings: Settings) -> VolumeList:
     query = parse_list_query(request.scope["query_string"], ())
     page = await service.list_volumes(db, request.user, query)
-    last_id = page.rows[-1].id if page.rows else None
-    return VolumeList(
-        volumes=[volume_view(row, settings.region) for row in page.rows],
-        meta=page_meta(page.total, query.limit, last_id, page.has_more),
-        links=page_links(
-            request,
-            settings,
-            query,
-            (),
-            last_id=last_id,
-            has_more=page.has_more,
-            previous_marker=page.previous_marker,
-            previous_is_first=page.previous_is_first,
-        ),
-    )
+    meta, links = page_envelope(request, settings, query, (), page)
+    return VolumeList(volumes=[volume_view(row, settings.region) for row in page.rows], meta=meta, links=links)
 
 
 @post(
