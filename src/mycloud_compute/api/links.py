@@ -94,7 +94,7 @@ def page_meta(total: int, limit: int, last_id: uuid.UUID | None, has_more: bool)
 
 
 class ListPage(Protocol):
-    """What the services' list results share: rows with ids and the paging facts."""
+    """The shape shared by the services' list results: rows with ids and paging facts."""
 
     @property
     def rows(self) -> Sequence[Any]: ...
