@@ -5,7 +5,7 @@ Usage:
         --instances 1000000 --organizations 10000 --big-organization 100000
 
 The database is created if missing, migrated, and filled. One organization
-("bench-big") holds ``--big-organization`` instances; the rest are spread over the
+("bench-big") owns ``--big-organization`` instances, and the rest are spread over the
 other organizations. Each instance gets a realistic name, 0-5 tags from a small
 vocabulary, metadata, one fixed address on the organization's private network, a
 flavor and image from the default catalog, and a status drawn from a mix with a few

@@ -79,7 +79,7 @@ def test_private_flavor_hidden_from_tenants(org: Org) -> None:
 
 
 def test_unmigrated_database_not_ready(tmp_path: Path) -> None:
-    """Serving an empty database answered 503 on every call while /readyz said ok."""
+    """Serving an empty database returned 503 on every call while /readyz returned ok."""
     url = f"sqlite:///{tmp_path / 'empty.db'}"
     port = free_port()
     env = {"MYCLOUD_DATABASE_URL": url, "MYCLOUD_DRIVER_STEP_DELAY": "0"}

@@ -897,7 +897,7 @@ async def test_no_valid_host_explains_shortfall(db: Database) -> None:
         too_much = await explain_no_valid_host(conn, ResourceRequest(vcpus=1, ram=70000, disk=500))
         not_together = await explain_no_valid_host(conn, ResourceRequest(vcpus=16, ram=16384, disk=10))
 
-    # The owner of the instance sees what the request lacked, never the hosts' capacity.
+    # The owner of the instance learns what the request lacked, never the hosts' capacity.
     assert too_much == "no host has 70000 MiB of free RAM or 500 GiB of free disk"
     assert not_together == (
         "no host has 16 vCPUs, 16384 MiB of RAM and 10 GiB of disk free at the same time"

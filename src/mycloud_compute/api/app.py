@@ -124,7 +124,7 @@ def create_litestar(settings: Settings, *, worker_factory: Any | None = None) ->
 
 
 def create_app(settings: Settings | None = None, *, worker_factory: Any | None = None) -> Any:
-    """The ASGI callable to serve: the Litestar app inside the request-context layer."""
+    """Build the ASGI callable to serve: the Litestar app inside the request-context layer."""
     return RequestContextMiddleware(
         create_litestar(settings or load_settings(), worker_factory=worker_factory)
     )

@@ -18,8 +18,8 @@ _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 async def strict_body(request: Request[Any, Any, Any], body_type: type[T]) -> T:
     """Decode the body again in msgspec's strict mode.
 
-    Litestar converts bodies leniently (it accepts "2" for an integer field), which
-    the API contract does not allow; its own parse still runs first and documents
+    Litestar converts bodies leniently: it accepts "2" for an integer field, which
+    the API contract does not allow. Its own parse still runs first, and documents
     the body in the OpenAPI schema.
     """
     try:

@@ -47,7 +47,7 @@ def _schema(raw: dict[str, Any]) -> Schema:
 
 
 def list_parameters(filters: Sequence[QueryFilter]) -> list[Parameter]:
-    """The query parameters of a list endpoint: limit, marker and the declared filters."""
+    """Return the query parameters of a list endpoint: limit, marker and the declared filters."""
     parameters = [
         Parameter(
             name="limit",

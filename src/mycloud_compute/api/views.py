@@ -11,7 +11,7 @@ from mycloud_compute.api import schemas
 
 
 def timestamp(value: datetime) -> datetime:
-    """The stored naive UTC time as an aware UTC time with whole seconds."""
+    """Convert a stored naive UTC time into an aware UTC time with whole seconds."""
     return value.replace(microsecond=0, tzinfo=UTC)
 
 

@@ -29,7 +29,7 @@ from mycloud_compute.settings import Settings, load_settings
 
 T = TypeVar("T")
 
-# Longest token lifetime --expires-in accepts (100 years), and the demo token's.
+# Maximum token lifetime that --expires-in accepts (100 years), and the demo token's.
 MAX_TOKEN_DAYS = 36500
 DEMO_TOKEN_DAYS = 30
 

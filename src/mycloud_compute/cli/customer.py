@@ -743,7 +743,7 @@ def keypairs_create(settings: Settings, name: str, public_key_file: Path, output
     if "PRIVATE KEY" in public_key:
         # Refused before any request: the private key must never leave this machine.
         raise click.BadParameter(
-            f"{public_key_file} holds a private key; pass the public key (the .pub file)",
+            f"{public_key_file} contains a private key; pass the public key (the .pub file)",
             param_hint="--public-key-file",
         )
     print_item(settings.client().keypairs.create(name=name, public_key=public_key), output, columns)

@@ -81,13 +81,13 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
-        """A read-write transaction, committed when the block exits without error."""
+        """Open a read-write transaction, committed when the block exits without error."""
         async with self.writer.begin() as connection:
             yield connection
 
     @asynccontextmanager
     async def snapshot(self) -> AsyncIterator[AsyncConnection]:
-        """A connection for reads, on the replica when one is configured.
+        """Open a connection for reads, on the replica when one is configured.
 
         On PostgreSQL the reads run in autocommit mode. Under READ COMMITTED every
         statement takes its own snapshot anyway, so BEGIN and COMMIT would only add
@@ -102,7 +102,7 @@ class Database:
             yield autocommit
 
     async def ping(self) -> None:
-        """Check that the database answers and has been migrated (``db upgrade``)."""
+        """Check that the database is reachable and has been migrated (``db upgrade``)."""
         async with self.reader.connect() as connection:
             await connection.execute(text("SELECT version_num FROM alembic_version"))
 

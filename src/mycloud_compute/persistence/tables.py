@@ -43,10 +43,10 @@ metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
 def Name(length: int = 255) -> String:  # noqa: N802 - reads like a column type
-    """A name column compared byte by byte (collation "C" on PostgreSQL).
+    """Return a name column type compared byte by byte (collation "C" on PostgreSQL).
 
     Prefix filters are range scans (``name >= 'web-' AND name < 'web.'``), which
-    only match prefixes under a code-point ordering; SQLite's default BINARY
+    match prefixes only under a code-point ordering. SQLite's default BINARY
     collation already is one.
     """
     return String(length).with_variant(String(length, collation="C"), "postgresql")

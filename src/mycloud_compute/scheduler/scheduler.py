@@ -65,7 +65,7 @@ async def explain_no_valid_host(conn: AsyncConnection, request: ResourceRequest)
     """Say why no host fits the request, for the fault details of the instance.
 
     The details are shown to the instance's owner, so they name only what the
-    request lacked; host counts and free capacities go to the operators' log.
+    request lacked. Host counts and free capacities go to the operators' log.
     """
     all_hosts = await host_store.list_hosts(conn)
     enabled = [host for host in all_hosts if host.status == host_store.ENABLED]

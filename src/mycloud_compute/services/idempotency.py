@@ -13,8 +13,8 @@ anything else. On PostgreSQL a second transaction's INSERT of the same key waits
 until the first commits and then fails with a unique violation. On SQLite the
 writers run one at a time, so the second finds the committed row. Either way the
 loser's transaction rolls back, and ``create_once`` reads the stored response and
-returns it: exactly one resource is created, and every request gets the same
-answer.
+returns it. Exactly one resource is created, and every request gets the same
+response.
 
 To make a creating route idempotent, the service function takes an
 ``Idempotency | None`` argument, calls ``claim`` at the start and ``record`` at the

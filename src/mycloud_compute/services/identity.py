@@ -26,7 +26,7 @@ TOKEN_PREFIX = "mcp_"
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the token's organization, name and scopes."""
+    """The caller: the token's organization, name and scopes."""
 
     organization_id: uuid.UUID
     organization_name: str

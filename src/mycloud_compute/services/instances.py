@@ -76,8 +76,8 @@ def _parse_tags(value: str) -> tuple[str, ...]:
     tags: list[str] = []
     parts = value.split(",")
     if len(parts) > MAX_TAGS:
-        # An instance holds at most MAX_TAGS tags, so more can never match; the limit
-        # also bounds the cost of the query.
+        # An instance carries at most MAX_TAGS tags, so more can never match. The
+        # limit also bounds the cost of the query.
         raise InvalidParameter("tags", value, f"tags may list at most {MAX_TAGS} tags")
     for part in parts:
         tag = part.strip()
@@ -242,7 +242,7 @@ async def _resolve_networks(
     conn: AsyncConnection, organization_id: uuid.UUID, requested: list[uuid.UUID] | None
 ) -> list[uuid.UUID]:
     # The networks stay locked until the create commits, so that a concurrent
-    # network delete waits and then sees this instance (see networks.delete_network).
+    # network delete waits and then finds this instance (see networks.delete_network).
     if requested is None:
         return [await networks.ensure_default_network(conn, organization_id, lock=True)]
     if not requested:

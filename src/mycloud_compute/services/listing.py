@@ -1,7 +1,7 @@
 """Query-string parsing shared by every list endpoint.
 
-Each resource declares its filters as data (a ``QueryFilter`` per parameter); this
-module checks the whole query string against that table: unknown and repeated
+Each resource declares its filters as data, a ``QueryFilter`` per parameter. This
+module checks the whole query string against that table. Unknown and repeated
 parameters are rejected by name, ``limit`` and ``marker`` are parsed the same way
 everywhere, and each filter value goes through its own parser.
 """

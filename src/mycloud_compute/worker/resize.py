@@ -3,7 +3,7 @@
 A resize runs RESIZE_PREP → RESIZE_MIGRATING → RESIZE_FINISH and ends in vm_state
 RESIZED (status VERIFY_RESIZE) on the new flavor. The API has stored the target
 flavor in ``new_flavor`` and set RESIZE_PREP. vm_state stays ACTIVE or STOPPED
-until the end, which tells whether the VM must run again on the new host.
+until the end, and it decides whether the VM must run again on the new host.
 
 Host claims of an instance, each recorded in the columns named here:
 

@@ -350,7 +350,7 @@ class Worker:
 
     async def _reject_unknown_action(self, ctx: TaskContext) -> None:
         """Fail a task this worker has no handler for, clearing the instance's task_state."""
-        # E.g. a task queued by a newer API version than this worker knows.
+        # For example, a task queued by a newer API version than this worker.
         message = f"This worker cannot run the {ctx.task.action!r} action"
         try:
             async with ctx.locked_instance() as (conn, instance):
