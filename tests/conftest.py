@@ -199,6 +199,9 @@ def start_api(backend: Backend, log_dir: Path, **settings: str) -> ApiServer:
         "MYCLOUD_DRIVER_STEP_DELAY": "0",
         "MYCLOUD_WORKER_POLL_INTERVAL": "0.05",
         "MYCLOUD_LOG_LEVEL": "INFO",
+        # Tests send requests far faster than a customer would; test_protection.py
+        # starts its servers with a low limit instead.
+        "MYCLOUD_RATE_LIMIT_PER_SECOND": "0",
         **{f"MYCLOUD_{key.upper()}": value for key, value in settings.items()},
     }
     server = ApiServer(backend, f"http://127.0.0.1:{port}", env)
@@ -206,7 +209,8 @@ def start_api(backend: Backend, log_dir: Path, **settings: str) -> ApiServer:
     server.processes.append(
         start_process(
             ["-m", "uvicorn", "mycloud_compute.api.asgi:app", "--host", "127.0.0.1",
-             "--port", str(port), "--no-access-log", "--no-proxy-headers"],
+             "--port", str(port), "--no-access-log", "--no-proxy-headers",
+             "--http", "mycloud_compute.api.http_protocol:EnvelopeHttpToolsProtocol"],
             env,
             log_dir / f"api-{tag}.log",
         )

@@ -38,6 +38,25 @@ class Settings(BaseSettings):
         "X-Forwarded-Host headers are honoured.",
     )
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body, bytes.")
+    max_query_bytes: int = Field(
+        8192, ge=256, le=65536, description="Longest query string (after `?`), bytes; longer is a 414."
+    )
+    max_header_bytes: int = Field(
+        16384,
+        ge=1024,
+        le=1024 * 1024,
+        description="Largest total size of the request headers (names and values), bytes; "
+        "larger is a 431.",
+    )
+    rate_limit_per_second: float = Field(
+        20,
+        ge=0,
+        description="Requests per second that each token (or, without a token, each client "
+        "address) may make on average, per API process. 0 turns rate limiting off.",
+    )
+    rate_limit_burst: int = Field(
+        100, ge=1, description="Requests a token or client address may make at once after being idle."
+    )
     run_worker: Literal["auto", "yes", "no"] = Field(
         "auto",
         description="Run the lifecycle worker inside the API process. auto: yes on SQLite, "
@@ -55,6 +74,12 @@ class Settings(BaseSettings):
         "",
         description="Instance-name prefix for which the simulated driver fails the spawn step, "
         "so the error path can be tried by hand. Empty: spawn never fails.",
+    )
+    simulated_pause_prefix: str = Field(
+        "",
+        description="Instance-name prefix that makes the simulated driver pause for an hour in "
+        "one operation, for fault tests: with 'pause-', an instance named 'pause-spawn-web' "
+        "pauses in spawn. Empty: the driver never pauses.",
     )
     task_lease_seconds: float = Field(
         30, gt=0, le=3600, description="How long a worker owns a task without renewing it."

@@ -1,7 +1,9 @@
-"""Outermost ASGI layer: request ids, JSON content-type checks and security headers.
+"""Outermost ASGI layer: request ids, size and rate limits, JSON content-type checks
+and security headers.
 
 It wraps the whole Litestar application, so every response, including the router's
-own 404 and 405 responses, carries ``X-Request-Id`` and counts in the request metrics.
+own 404 and 405 responses and the 414, 415, 429 and 431 responses of this layer,
+carries ``X-Request-Id`` and the security headers and counts in the request metrics.
 """
 
 from __future__ import annotations
@@ -10,12 +12,16 @@ import logging
 import re
 import time
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
 from mycloud_compute.api.metrics import RequestMetrics
+from mycloud_compute.api.proxies import forwarded_proto
+from mycloud_compute.api.rate_limit import RateLimiter
 from mycloud_compute.api.schemas import ErrorBody, ErrorDetail
+from mycloud_compute.services.identity import TOKEN_PREFIX
+from mycloud_compute.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +29,20 @@ ASGIApp = Any
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _BODY_METHODS = {b"POST", b"PUT", b"PATCH"}
 _JSON_TYPES = {"application/json"}
+# A token pasted into a URL path by mistake; replaced before the path is logged.
+_TOKEN_IN_PATH = re.compile(re.escape(TOKEN_PREFIX) + r"[A-Za-z0-9_-]*")
 
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"cache-control", b"no-store"),
     (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
 ]
+# JSON responses load nothing and may not be framed. A response that sets its own
+# policy (the /docs page) keeps it.
+CONTENT_SECURITY_POLICY = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
+# One year, the usual value. includeSubDomains is left to the proxy, which serves the subdomains.
+STRICT_TRANSPORT_SECURITY = (b"strict-transport-security", b"max-age=31536000")
 
 
 def request_id_of(scope: Any) -> str:
@@ -54,14 +68,36 @@ def _has_body(scope: dict[str, Any]) -> bool:
 def _is_json(content_type: bytes | None) -> bool:
     if content_type is None:
         return False
-    media_type = content_type.decode("latin-1").split(";", 1)[0].strip().lower()
+    # Only the optional whitespace of HTTP: str.strip() would also drop bytes such as
+    # 0x85 (NEL in Latin-1), so "application/json<0x85>" passed as JSON.
+    media_type = content_type.decode("latin-1").split(";", 1)[0].strip(" \t").lower()
     return media_type in _JSON_TYPES
 
 
+def _header_bytes(scope: dict[str, Any]) -> int:
+    return sum(len(key) + len(value) for key, value in scope.get("headers", ()))
+
+
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    """Wrap ``app`` with request ids, limits and security headers.
+
+    Without ``settings`` (a bare application, as in the benchmark's ceiling app) the
+    limits take their default values and no rate limit applies.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings | None = None) -> None:
         self.app = app
         self.metrics = RequestMetrics(app)
+        self.settings = settings or Settings.model_construct()
+        self.limiter: RateLimiter | None = None
+        if settings is not None and settings.rate_limit_per_second > 0:
+            self.limiter = RateLimiter(
+                settings.rate_limit_per_second,
+                settings.rate_limit_burst,
+                settings.trusted_proxy_networks,
+            )
+        public_url = self.settings.public_url
+        self.always_https = public_url is not None and public_url.startswith("https://")
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -74,12 +110,16 @@ class RequestContextMiddleware:
         status = 500
         incoming = _header(scope, b"x-request-id")
         incoming_text = incoming.decode("latin-1") if incoming else ""
-        if _CLIENT_REQUEST_ID.match(incoming_text):
+        # An id that looks like a token would be logged with every line of the request.
+        if _CLIENT_REQUEST_ID.match(incoming_text) and not incoming_text.startswith(TOKEN_PREFIX):
             request_id = incoming_text
         else:
             request_id = f"req-{uuid.uuid4()}"
         scope.setdefault("state", {})["request_id"] = request_id
         extra_headers = [(b"x-request-id", request_id.encode()), *SECURITY_HEADERS]
+        if self.always_https or self._is_https(scope):
+            extra_headers.append(STRICT_TRANSPORT_SECURITY)
+        limiter = self.limiter
 
         async def send_with_headers(message: dict[str, Any]) -> None:
             nonlocal status
@@ -88,18 +128,18 @@ class RequestContextMiddleware:
                 headers = [
                     (k, v) for k, v in message.get("headers", ()) if k.lower() != b"x-request-id"
                 ]
+                if not any(k.lower() == CONTENT_SECURITY_POLICY[0] for k, _ in headers):
+                    headers.append(CONTENT_SECURITY_POLICY)
                 message["headers"] = headers + extra_headers
+                if status == 401 and limiter is not None:
+                    limiter.record_unauthorized(scope)
             await send(message)
 
         path = scope.get("path", "")
         try:
-            if (
-                scope["method"].encode() in _BODY_METHODS
-                and path.startswith("/v1/")
-                and _has_body(scope)
-                and not _is_json(_header(scope, b"content-type"))
-            ):
-                await self._send_415(request_id, send_with_headers)
+            rejection = self._reject(scope, path)
+            if rejection is not None:
+                await _send_error(request_id, send_with_headers, *rejection)
                 return
             await self.app(scope, receive, send_with_headers)
         finally:
@@ -107,32 +147,96 @@ class RequestContextMiddleware:
             self.metrics.record(scope, status, elapsed)
             # One line per request, so every request id a client quotes can be found.
             if log.isEnabledFor(logging.INFO):
+                logged_path = path[:200]
+                if TOKEN_PREFIX in logged_path:
+                    logged_path = _TOKEN_IN_PATH.sub(TOKEN_PREFIX + "[redacted]", logged_path)
                 log.info(
                     "request method=%s path=%s status=%d duration_ms=%.1f request_id=%s",
-                    scope["method"], path[:200], status, elapsed * 1000, request_id,
+                    scope["method"], logged_path, status, elapsed * 1000, request_id,
                 )
 
-    @staticmethod
-    async def _send_415(request_id: str, send: Any) -> None:
-        body = msgspec.json.encode(
-            ErrorBody(
-                ErrorDetail(
-                    code=415,
-                    type="unsupported_media_type",
-                    message="request bodies must be JSON; send Content-Type: application/json",
-                    details=None,
-                    request_id=request_id,
+    def _is_https(self, scope: dict[str, Any]) -> bool:
+        return forwarded_proto(scope, self.settings.trusted_proxy_networks) == "https"
+
+    def _reject(self, scope: dict[str, Any], path: str) -> _Rejection | None:
+        """Return the error response for a request this layer rejects, or None to pass it on."""
+        header_bytes = _header_bytes(scope)
+        if header_bytes > self.settings.max_header_bytes:
+            return _Rejection(
+                431,
+                "invalid_request",
+                f"the request headers are {header_bytes} bytes; the limit is "
+                f"{self.settings.max_header_bytes} bytes",
+            )
+        query_bytes = len(scope.get("query_string", b""))
+        if query_bytes > self.settings.max_query_bytes:
+            return _Rejection(
+                414,
+                "invalid_request",
+                f"the query string is {query_bytes} bytes; the limit is "
+                f"{self.settings.max_query_bytes} bytes",
+            )
+        if self.limiter is not None:
+            wait = self.limiter.admit(scope)
+            if wait:
+                return _Rejection(
+                    429,
+                    "rate_limited",
+                    f"too many requests; retry after {wait} seconds",
+                    {"retry_after": wait},
+                    [(b"retry-after", str(wait).encode())],
                 )
+        if (
+            scope["method"].encode() in _BODY_METHODS
+            and path.startswith("/v1/")
+            and _has_body(scope)
+            and not _is_json(_header(scope, b"content-type"))
+        ):
+            return _Rejection(
+                415,
+                "unsupported_media_type",
+                "request bodies must be JSON; send Content-Type: application/json",
+            )
+        return None
+
+
+class _Rejection(NamedTuple):
+    status: int
+    error_type: str
+    message: str
+    details: dict[str, Any] | None = None
+    headers: list[tuple[bytes, bytes]] = []
+
+
+async def _send_error(
+    request_id: str,
+    send: Any,
+    status: int,
+    error_type: str,
+    message: str,
+    details: dict[str, Any] | None,
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    body = msgspec.json.encode(
+        ErrorBody(
+            ErrorDetail(
+                code=status,
+                type=error_type,
+                message=message,
+                details=details,
+                request_id=request_id,
             )
         )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 415,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+    )
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
