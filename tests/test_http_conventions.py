@@ -151,6 +151,42 @@ def test_wrong_method(client: httpx.Client, method: str, path: str, allowed: set
     assert listed - {"OPTIONS", "HEAD"} == allowed
 
 
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ("/v1/flavors", {"GET", "HEAD", "POST", "OPTIONS"}),
+        (f"/v1/instances/{uuid.UUID(int=1)}", {"GET", "HEAD", "PATCH", "DELETE", "OPTIONS"}),
+        (f"/v1/instances/{uuid.UUID(int=1)}/actions/stop", {"POST", "OPTIONS"}),
+    ],
+)
+def test_options_allow_every_method(client: httpx.Client, path: str, allowed: set[str]) -> None:
+    """OPTIONS listed only the methods of the path's first handler.
+
+    Litestar builds its OPTIONS handler with the first route handler of a path, so
+    ``OPTIONS /v1/flavors`` sent ``Allow: GET, OPTIONS`` while POST was served too.
+    """
+    options = client.options(path)
+    wrong_method = client.put(path)
+
+    assert options.status_code == 204
+    assert {item.strip() for item in options.headers["allow"].split(",")} == allowed
+    assert wrong_method.headers["allow"] == options.headers["allow"]
+
+
+def test_head_like_get_without_body(client: httpx.Client) -> None:
+    """HEAD was a 405 on every route, because Litestar serves HEAD only where declared."""
+    get = client.get("/v1/flavors")
+    head = client.head("/v1/flavors")
+    missing = client.head(f"/v1/instances/{uuid.UUID(int=1)}")
+
+    assert head.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-length"] == get.headers["content-length"]
+    assert head.headers["content-type"] == get.headers["content-type"]
+    assert missing.status_code == 404
+    assert missing.content == b""
+
+
 # --- request bodies -------------------------------------------------------------------
 
 

@@ -20,6 +20,8 @@ from mycloud_compute.api import metrics
 from mycloud_compute.api.auth import BearerTokenMiddleware, scope_guard
 from mycloud_compute.api.deps import DEPENDENCIES
 from mycloud_compute.api.errors import EXCEPTION_HANDLERS
+from mycloud_compute.api.methods import MethodsMiddleware
+from mycloud_compute.api.openapi import finish_document
 from mycloud_compute.api.request_context import RequestContextMiddleware
 from mycloud_compute.api.routes import (
     actions,
@@ -106,7 +108,7 @@ def create_litestar(settings: Settings, *, worker_factory: Any | None = None) ->
                 await _stop_worker(worker_task)
             await db.dispose()
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[*instances.ROUTES, *catalog.ROUTES, *hosts.ROUTES, *operations.ROUTES,
                         *volumes.ROUTES, *actions.ROUTES,
                         *keypairs.ROUTES, *security_groups.ROUTES, *networks.ROUTES],
@@ -121,10 +123,13 @@ def create_litestar(settings: Settings, *, worker_factory: Any | None = None) ->
         debug=False,
         logging_config=None,
     )
+    finish_document(app)
+    return app
 
 
 def create_app(settings: Settings | None = None, *, worker_factory: Any | None = None) -> Any:
     """Build the ASGI callable to serve: the Litestar app inside the request-context layer."""
+    settings = settings or load_settings()
     return RequestContextMiddleware(
-        create_litestar(settings or load_settings(), worker_factory=worker_factory)
+        MethodsMiddleware(create_litestar(settings, worker_factory=worker_factory)), settings
     )

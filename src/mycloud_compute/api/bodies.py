@@ -15,6 +15,28 @@ T = TypeVar("T")
 _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 
 
+def _integral_to_int(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral_to_int(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _integral_to_int(item) for key, item in value.items()}
+    return value
+
+
+def _decode_integral_floats(body: bytes, body_type: type[T]) -> T | None:
+    """Decode ``body`` with numbers such as 2.0 read as integers, or return None.
+
+    JSON Schema counts 2.0 as an integer, and so does this API; msgspec's strict mode
+    does not. No request field is a float, so every integral number can become an int.
+    """
+    try:
+        return msgspec.convert(_integral_to_int(msgspec.json.decode(body)), body_type)
+    except msgspec.ValidationError:
+        return None
+
+
 async def strict_body(request: Request[Any, Any, Any], body_type: type[T]) -> T:
     """Decode the body again in msgspec's strict mode.
 
@@ -22,9 +44,13 @@ async def strict_body(request: Request[Any, Any, Any], body_type: type[T]) -> T:
     the API contract does not allow. Its own parse still runs first, and documents
     the body in the OpenAPI schema.
     """
+    body = await request.body()
     try:
-        return msgspec.json.decode(await request.body(), type=body_type)
+        return msgspec.json.decode(body, type=body_type)
     except msgspec.ValidationError as exc:
+        integral = _decode_integral_floats(body, body_type)
+        if integral is not None:
+            return integral
         text = str(exc)
         match = _PATH.search(text)
         if match is None:

@@ -10,10 +10,24 @@ import msgspec
 from msgspec import Meta, Struct
 
 from mycloud_compute.services import volumes as volume_rules
+from mycloud_compute.services.text import CONTROL_CLASS, WHITESPACE_CLASS
+
+# Patterns of the text rules that the service layer checks. They are written into the
+# OpenAPI document only (extra_json_schema), so decoding stays lenient enough for the
+# service to reject such text with its own message naming the rule. The character
+# classes are C0 and C1 control characters and DEL.
+_CONTROL = CONTROL_CLASS
+_SPACE = WHITESPACE_CLASS
+NAME_PATTERN = rf"^[^{_SPACE}{_CONTROL}]([^{_CONTROL}]*[^{_SPACE}{_CONTROL}])?$"
+NO_CONTROL_PATTERN = rf"^[^{_CONTROL}]*$"
+DESCRIPTION_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]*$"
+TAG_PATTERN = rf"^[^{_SPACE},/{_CONTROL}]([^,/{_CONTROL}]*[^{_SPACE},/{_CONTROL}])?$"
+KEYPAIR_NAME_PATTERN = rf"^[^{_SPACE}/{_CONTROL}]([^/{_CONTROL}]*[^{_SPACE}/{_CONTROL}])?$"
+CIDR_PATTERN = r"^[0-9A-Fa-f:.]+/[0-9]{1,3}$"
 
 # An aware UTC datetime without microseconds, which msgspec writes as
 # "2024-01-15T10:30:00Z" (RFC 3339, second precision, Z suffix).
-Timestamp = datetime
+Timestamp = Annotated[datetime, Meta(extra_json_schema={"format": "date-time"})]
 
 
 # --- errors -------------------------------------------------------------------------
@@ -67,7 +81,9 @@ class FlavorList(Struct):
 
 
 class FlavorCreate(Struct, forbid_unknown_fields=True):
-    name: Annotated[str, Meta(min_length=1, max_length=255)]
+    name: Annotated[
+        str, Meta(min_length=1, max_length=255, extra_json_schema={"pattern": NAME_PATTERN})
+    ]
     vcpus: Annotated[int, Meta(ge=1, le=1024)]
     ram: Annotated[int, Meta(ge=64, le=16 * 1024 * 1024, description="MiB")]
     disk: Annotated[int, Meta(ge=0, le=100_000, description="GiB")]
@@ -92,9 +108,15 @@ class ImageList(Struct):
 
 
 class ImageCreate(Struct, forbid_unknown_fields=True):
-    name: Annotated[str, Meta(min_length=1, max_length=255)]
-    os_distro: Annotated[str, Meta(min_length=1, max_length=64)]
-    os_version: Annotated[str, Meta(min_length=1, max_length=64)]
+    name: Annotated[
+        str, Meta(min_length=1, max_length=255, extra_json_schema={"pattern": NAME_PATTERN})
+    ]
+    os_distro: Annotated[
+        str, Meta(min_length=1, max_length=64, extra_json_schema={"pattern": NO_CONTROL_PATTERN})
+    ]
+    os_version: Annotated[
+        str, Meta(min_length=1, max_length=64, extra_json_schema={"pattern": NO_CONTROL_PATTERN})
+    ]
     min_disk: Annotated[int, Meta(ge=0, le=100_000)] = 0
     min_ram: Annotated[int, Meta(ge=0, le=16 * 1024 * 1024)] = 0
 
@@ -169,10 +191,52 @@ class InstanceList(Struct):
     links: PageLinks
 
 
-InstanceName = Annotated[str, Meta(min_length=1, max_length=255)]
-Description = Annotated[str, Meta(max_length=1024)]
-MetadataMap = Annotated[dict[str, str], Meta(max_length=128)]
-TagList = Annotated[list[Annotated[str, Meta(min_length=1, max_length=60)]], Meta(max_length=50)]
+InstanceName = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=255,
+        description="No control characters and no leading or trailing whitespace",
+        extra_json_schema={"pattern": NAME_PATTERN},
+    ),
+]
+Description = Annotated[
+    str,
+    Meta(
+        max_length=1024,
+        description="No control characters except tab and line breaks",
+        extra_json_schema={"pattern": DESCRIPTION_PATTERN},
+    ),
+]
+MetadataMap = Annotated[
+    dict[
+        str,
+        Annotated[str, Meta(extra_json_schema={"maxLength": 255, "pattern": NO_CONTROL_PATTERN})],
+    ],
+    Meta(
+        max_length=128,
+        description="Keys of 1 to 255 and values of at most 255 characters, "
+        "without control characters",
+        extra_json_schema={
+            "propertyNames": {"minLength": 1, "maxLength": 255, "pattern": NO_CONTROL_PATTERN}
+        },
+    ),
+]
+TagList = Annotated[
+    list[
+        Annotated[
+            str,
+            Meta(
+                min_length=1,
+                max_length=60,
+                description="No comma, slash or control character, and no leading or "
+                "trailing whitespace",
+                extra_json_schema={"pattern": TAG_PATTERN},
+            ),
+        ]
+    ],
+    Meta(max_length=50, description="Unique tags", extra_json_schema={"uniqueItems": True}),
+]
 
 
 class InstanceCreate(Struct, forbid_unknown_fields=True):
@@ -315,7 +379,12 @@ class KeyPairList(Struct):
 class KeyPairCreate(Struct, forbid_unknown_fields=True):
     name: Annotated[
         str,
-        Meta(min_length=1, max_length=255, description="Unique in the organization; no '/'"),
+        Meta(
+            min_length=1,
+            max_length=255,
+            description="Unique in the organization; no '/', not '.' or '..'",
+            extra_json_schema={"pattern": KEYPAIR_NAME_PATTERN, "not": {"enum": [".", ".."]}},
+        ),
     ]
     public_key: Annotated[
         str,
@@ -364,6 +433,7 @@ class SecurityGroupRuleCreate(Struct, forbid_unknown_fields=True):
                 min_length=1,
                 max_length=64,
                 description="CIDR with the host bits zero; null or absent: any address",
+                extra_json_schema={"pattern": CIDR_PATTERN},
             ),
         ]
         | None
@@ -387,9 +457,15 @@ class SecurityGroupList(Struct):
 class SecurityGroupCreate(Struct, forbid_unknown_fields=True):
     name: InstanceName
     description: Description = ""
-    rules: Annotated[list[SecurityGroupRuleCreate], Meta(max_length=100)] = msgspec.field(
-        default_factory=list
-    )
+    rules: Annotated[
+        list[SecurityGroupRuleCreate],
+        Meta(
+            max_length=100,
+            description="Unique rules; a rule that repeats another once null and absent "
+            "fields and the CIDR are normalized is rejected too",
+            extra_json_schema={"uniqueItems": True},
+        ),
+    ] = msgspec.field(default_factory=list)
 
 
 # --- networks -------------------------------------------------------------------------
@@ -419,6 +495,7 @@ class NetworkCreate(Struct, forbid_unknown_fields=True):
             max_length=64,
             description="IPv4 /8 to /29 or IPv6 /48 to /124, host bits zero, "
             "e.g. 10.0.0.0/24 or fd00::/64",
+            extra_json_schema={"pattern": CIDR_PATTERN},
         ),
     ]
 

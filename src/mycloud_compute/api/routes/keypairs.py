@@ -40,7 +40,8 @@ MARKER_PARAMETER = Parameter(
     name="marker",
     param_in="query",
     required=False,
-    description="Name of the last key pair of the previous page (for pagination)",
+    description="Name of the last key pair of the previous page (for pagination). A name "
+    "that matches no key pair of the organization is a 400 invalid_parameter.",
     schema=Schema(type=OpenAPIType.STRING, min_length=1, max_length=service.MAX_NAME_LENGTH),
 )
 
