@@ -4,7 +4,9 @@ Settings come from the environment (``MYCLOUD_*``), so every server process
 started by ``mycloud-compute serve --workers N`` builds the same application.
 When running uvicorn directly, pass ``--no-proxy-headers``: uvicorn otherwise
 rewrites the scheme and client address from X-Forwarded-* headers sent by local
-clients, bypassing ``MYCLOUD_TRUSTED_PROXIES``.
+clients, bypassing ``MYCLOUD_TRUSTED_PROXIES``. Pass also
+``--http mycloud_compute.api.http_protocol:EnvelopeHttpToolsProtocol``, so that
+requests uvicorn cannot parse get the JSON error body instead of uvicorn's plain text.
 """
 
 from __future__ import annotations

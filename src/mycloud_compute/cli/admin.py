@@ -365,6 +365,7 @@ def serve(host: str, port: int, workers: int) -> None:
             access_log=False,
             log_config=None,
             proxy_headers=False,
+            http="mycloud_compute.api.http_protocol:EnvelopeHttpToolsProtocol",
             timeout_graceful_shutdown=30,
         )
     finally:

@@ -61,12 +61,16 @@ def flavor_document(flavor: Row[Any]) -> dict[str, Any]:
 
 
 async def _resolve_resize_flavor(
-    conn: AsyncConnection, instance: Row[Any], flavor_id: uuid.UUID | None
+    conn: AsyncConnection, instance: Row[Any], flavor_id: uuid.UUID | None, *, include_private: bool
 ) -> dict[str, Any]:
-    """Return the target flavor's JSON, or raise InvalidParameter when it cannot take the instance."""
+    """Return the target flavor's JSON, or raise InvalidParameter when it cannot take the instance.
+
+    A private flavor is "not found" unless ``include_private``, as in a create, so a
+    resize does not show its name or size to a caller who cannot list it.
+    """
     if flavor_id is None:
         raise InvalidParameter("flavor_id", None, "resize needs a flavor_id")
-    flavor = await catalog_store.get(conn, flavors, flavor_id)
+    flavor = await catalog_store.get(conn, flavors, flavor_id, include_private=include_private)
     if flavor is None:
         raise InvalidParameter("flavor_id", str(flavor_id), f"flavor {flavor_id} not found")
 
@@ -160,7 +164,9 @@ async def request_action(
 
         new_flavor = None
         if request.action == Action.RESIZE:
-            new_flavor = await _resolve_resize_flavor(conn, instance, request.flavor_id)
+            new_flavor = await _resolve_resize_flavor(
+                conn, instance, request.flavor_id, include_private=principal.allows("admin")
+            )
         rule = check_action(
             request.action,
             request.reboot_type,

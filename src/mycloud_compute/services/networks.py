@@ -88,7 +88,7 @@ def parse_cidr(parameter: str, value: str) -> IPNetwork:
     prefix. Netmask forms (10.0.0.0/255.255.255.0) and IPv6 zone ids are rejected too.
     """
     example = "a CIDR such as 10.0.0.0/24 or fd00::/64"
-    if not _CIDR_SYNTAX.match(value):
+    if not _CIDR_SYNTAX.fullmatch(value):
         raise InvalidParameter(parameter, value, f"{parameter} must be {example}, got {value!r}")
     try:
         return ipaddress.ip_network(value, strict=True)
