@@ -7,10 +7,10 @@ from typing import Any
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, SerializationException, ValidationException
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from mycloud_compute.api.request_context import request_id_of
 from mycloud_compute.api.schemas import ErrorBody, ErrorDetail
+from mycloud_compute.persistence.database import is_database_unavailable
 from mycloud_compute.services.errors import ServiceError, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,10 @@ _TYPE_BY_STATUS = {
     429: "rate_limited",
     503: "service_unavailable",
 }
+
+# The detail of the InternalServerException that Litestar raises when the client
+# disconnects while the body is read (litestar/connection/request.py).
+CLIENT_DISCONNECTED = "client disconnected prematurely"
 
 _GENERIC_MESSAGES = {
     404: "the requested URL was not found",
@@ -92,6 +96,12 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
     if isinstance(exc, ValidationException):
         message, details = _validation_message(exc)
         return error_response(request, 400, "invalid_request", message, details)
+    if status == 500 and exc.detail == CLIENT_DISCONNECTED:
+        # The client closed the connection before it sent the whole body, so nobody
+        # reads this response. The client caused it, so it is no server error.
+        log.info("client disconnected before the end of the body request_id=%s",
+                 request_id_of(request.scope))
+        return error_response(request, 400, "invalid_request", "the request body is incomplete")
     if status >= 500:
         return handle_unexpected(request, exc)
     error_type = _TYPE_BY_STATUS.get(status, "invalid_request")
@@ -105,23 +115,10 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
     return error_response(request, status, error_type, message, None, headers)
 
 
-# SQLite reports a broken schema as OperationalError, like a locked database; these
-# are deployment errors (a missing `db upgrade`), not an outage to retry.
-_SCHEMA_ERRORS = ("no such table", "no such column")
-
-
 def _database_error_text(exc: Exception) -> str:
     """Return the driver's own message, without the SQL statement or its parameters."""
     original = getattr(exc, "orig", None) or exc
     return f"{type(original).__name__}: {original}"[:300]
-
-
-def _is_database_unavailable(exc: Exception) -> bool:
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    if isinstance(exc, OperationalError):
-        return not any(text in str(exc.orig) for text in _SCHEMA_ERRORS)
-    return isinstance(exc, (InterfaceError, ConnectionError, TimeoutError, OSError))
 
 
 def handle_database_unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
@@ -151,7 +148,7 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
 
 
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
-    if _is_database_unavailable(exc):
+    if is_database_unavailable(exc):
         return handle_database_unavailable(request, exc)
     if _caused_by(exc, RecursionError):
         # msgspec raises it while decoding JSON nested about a thousand levels deep.

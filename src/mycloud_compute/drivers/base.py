@@ -14,6 +14,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mycloud_compute.services.lifecycle import PowerState
+
 
 class DriverError(Exception):
     """A hypervisor operation failed; the message is shown to users in the instance fault."""
@@ -41,6 +43,9 @@ class InstanceSpec:
     ram: int
     disk: int
     image_id: uuid.UUID
+    # The power state the database last recorded. A driver whose VM records can go
+    # stale (the simulated one keeps them per process) takes this as the truth.
+    power_state: PowerState | None = None
 
 
 @dataclass(frozen=True)

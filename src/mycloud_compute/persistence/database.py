@@ -7,14 +7,65 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 import msgspec
 from sqlalchemy import event, text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from mycloud_compute.persistence.urls import to_async_url
 
 log = logging.getLogger(__name__)
+
+# Upper bounds on how long a request waits for a new connection, and for a free
+# pooled connection when all are in use. Past them it fails with a 503, so requests
+# fail fast during an outage instead of piling up.
+CONNECT_TIMEOUT_SECONDS = 5.0
+POOL_TIMEOUT_SECONDS = 5.0
+
+# SQLite reports a broken schema as OperationalError, like a locked database; these
+# are deployment errors (a missing `db upgrade`), not an outage to retry.
+_SCHEMA_ERRORS = ("no such table", "no such column")
+
+# Errors that asyncpg raises, unwrapped, to code that uses the driver connection directly.
+_DRIVER_CONNECTION_ERRORS = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, cannot connect now
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.TooManyConnectionsError,  # the server has no free connection slot
+)
+
+
+def _driver_connection_lost(exc: BaseException) -> bool:
+    """True when a raw asyncpg error says that the connection is unusable."""
+    if isinstance(exc, _DRIVER_CONNECTION_ERRORS):
+        return True
+    return isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc)
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` means the database cannot be reached now (an outage to retry).
+
+    Covers SQLAlchemy's wrapped errors, asyncpg's own errors from code that uses the
+    driver connection directly, and socket errors and timeouts from connecting.
+    """
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, OperationalError):
+        return not any(text in str(exc.orig) for text in _SCHEMA_ERRORS)
+    # SQLAlchemy wraps some asyncpg errors, such as "the database system is starting
+    # up" while the server restarts, in a plain DBAPIError; the cause tells.
+    cause: BaseException | None = exc
+    for _ in range(5):
+        if cause is None:
+            break
+        if _driver_connection_lost(cause):
+            return True
+        cause = cause.__cause__
+    # PoolTimeout: every connection of the pool stayed busy for POOL_TIMEOUT_SECONDS.
+    return isinstance(exc, (InterfaceError, PoolTimeout, ConnectionError, TimeoutError, OSError))
 
 
 def _json_dumps(value: Any) -> str:
@@ -26,10 +77,18 @@ def _make_engine(plain_url: str, *, pool_size: int, immediate: bool) -> AsyncEng
     options: dict[str, Any] = {
         "json_serializer": _json_dumps,
         "json_deserializer": msgspec.json.decode,
+        # Statement parameters carry request data (a secret pasted into a name, say);
+        # keep them out of logged exceptions and SQL echo.
+        "hide_parameters": True,
     }
     if url.get_backend_name() == "postgresql":
-        options.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False)
-        options["connect_args"] = {"timeout": 5, "command_timeout": 30}
+        options.update(
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_pre_ping=False,
+            pool_timeout=POOL_TIMEOUT_SECONDS,
+        )
+        options["connect_args"] = {"timeout": CONNECT_TIMEOUT_SECONDS, "command_timeout": 30}
         return create_async_engine(url, **options)
 
     # SQLite: one connection per checkout is cheap; a pool of file connections
@@ -65,6 +124,23 @@ def _configure_sqlite(engine: AsyncEngine, *, immediate: bool) -> None:
         connection.exec_driver_sql(begin_statement)
 
 
+@asynccontextmanager
+async def _invalidated_on_driver_error(connection: AsyncConnection) -> AsyncIterator[None]:
+    """Drop the connection from the pool when the block fails because it is broken.
+
+    SQLAlchemy does this itself for statements it runs. Statements sent on the
+    asyncpg connection directly bypass it, and a broken connection would go back
+    to the pool and fail every request that gets it after the database is back.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if _driver_connection_lost(exc) and not connection.invalidated:
+            log.warning("database connection lost; dropped from the pool error=%r", str(exc))
+            await connection.invalidate(exc)
+        raise
+
+
 class Database:
     """The writer engine and the reader engine (the same server unless a replica is set)."""
 
@@ -83,7 +159,8 @@ class Database:
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
         """Open a read-write transaction, committed when the block exits without error."""
         async with self.writer.begin() as connection:
-            yield connection
+            async with _invalidated_on_driver_error(connection):
+                yield connection
 
     @asynccontextmanager
     async def snapshot(self) -> AsyncIterator[AsyncConnection]:
@@ -99,7 +176,8 @@ class Database:
             return
         async with self.reader.connect() as connection:
             autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
-            yield autocommit
+            async with _invalidated_on_driver_error(connection):
+                yield autocommit
 
     async def ping(self) -> None:
         """Check that the database is reachable and has been migrated (``db upgrade``)."""

@@ -139,19 +139,20 @@ async def instance_spec(conn: AsyncConnection, instance: Row[Any]) -> InstanceSp
     """Describe the instance for the driver; None when it is not placed on a host."""
     if instance.host_id is None:
         return None
-    host = await host_store.get_host(conn, instance.host_id)
-    if host is None:
+    host_name = await host_store.get_host_name(conn, instance.host_id)
+    if host_name is None:
         raise RuntimeError(f"instance {instance.id} is placed on host {instance.host_id}, which does not exist")
     request = ResourceRequest.from_flavor(instance.flavor)
     return InstanceSpec(
         id=instance.id,
         organization_id=instance.organization_id,
         name=instance.name,
-        host=host.name,
+        host=host_name,
         vcpus=request.vcpus,
         ram=request.ram,
         disk=request.disk,
         image_id=instance.image_id,
+        power_state=PowerState(instance.power_state),
     )
 
 

@@ -101,6 +101,7 @@ async def _spec_on(
         ram=request.ram,
         disk=request.disk,
         image_id=instance.image_id,
+        power_state=PowerState(instance.power_state),
     )
 
 
