@@ -124,6 +124,18 @@ def test_different_body_conflict(org: Org) -> None:
     assert [item["name"] for item in listed["instances"]] == ["first"]
 
 
+def test_different_invalid_body_conflict(org: Org) -> None:
+    with org.client() as client:
+        first = post_instance(client, "reused-bad", instance_body("first"))
+        # The name fails the service's check, which runs before the key is claimed.
+        second = post_instance(client, "reused-bad", instance_body("second "))
+
+    assert first.status_code == 202, first.text
+    error = assert_error(second, 409, "conflict")
+    assert error["details"] == {"parameter": HEADER}
+    assert instance_count(org) == 1
+
+
 def test_failed_request_stores_nothing(org: Org) -> None:
     with org.client() as client:
         rejected = post_instance(client, "fix-and-retry", instance_body(flavor_id=str(uuid.UUID(int=1))))

@@ -136,6 +136,22 @@ async def get_host(conn: AsyncConnection, host_id: uuid.UUID) -> Host | None:
     return _to_host(row) if row is not None else None
 
 
+# Host id to name, for the worker's driver calls. A host keeps its name for life
+# and is deleted only when no instance is placed on it, so an entry never goes stale
+# for an instance that names the host.
+_host_names: dict[uuid.UUID, str] = {}
+
+
+async def get_host_name(conn: AsyncConnection, host_id: uuid.UUID) -> str | None:
+    """Return the host's name (read once per process), or None when the host does not exist."""
+    name = _host_names.get(host_id)
+    if name is None:
+        name = (await conn.execute(select(hosts.c.name).where(hosts.c.id == host_id))).scalar()
+        if name is not None:
+            _host_names[host_id] = name
+    return name
+
+
 async def find_candidates(conn: AsyncConnection, *, vcpus: int, ram: int, disk: int) -> list[Host]:
     """Return the enabled hosts with room for the request, most free RAM first."""
     query = (
@@ -149,6 +165,17 @@ async def find_candidates(conn: AsyncConnection, *, vcpus: int, ram: int, disk: 
         .order_by((hosts.c.ram - hosts.c.ram_used).desc(), hosts.c.name)
     )
     return [_to_host(row) for row in (await conn.execute(query)).all()]
+
+
+def _claim_values(*, vcpus: int, ram: int, disk: int) -> dict[str, Any]:
+    """Return the column updates that add one instance of this size to a host's usage."""
+    return {
+        "vcpus_used": hosts.c.vcpus_used + vcpus,
+        "ram_used": hosts.c.ram_used + ram,
+        "disk_used": hosts.c.disk_used + disk,
+        "instance_count": hosts.c.instance_count + 1,
+        "updated_at": utcnow(),
+    }
 
 
 async def claim(conn: AsyncConnection, host_id: uuid.UUID, *, vcpus: int, ram: int, disk: int) -> bool:
@@ -165,15 +192,44 @@ async def claim(conn: AsyncConnection, host_id: uuid.UUID, *, vcpus: int, ram: i
             hosts.c.ram_used + ram <= hosts.c.ram,
             hosts.c.disk_used + disk <= hosts.c.disk,
         )
-        .values(
-            vcpus_used=hosts.c.vcpus_used + vcpus,
-            ram_used=hosts.c.ram_used + ram,
-            disk_used=hosts.c.disk_used + disk,
-            instance_count=hosts.c.instance_count + 1,
-            updated_at=utcnow(),
-        )
+        .values(**_claim_values(vcpus=vcpus, ram=ram, disk=disk))
     )
     return result.rowcount == 1
+
+
+async def claim_best_unlocked(conn: AsyncConnection, *, vcpus: int, ram: int, disk: int) -> Host | None:
+    """Claim the resources on the host with the most free RAM that fits, in one statement.
+
+    On PostgreSQL hosts that a concurrent transaction holds locked (it is claiming on
+    them) are skipped, so concurrent claims spread over hosts instead of queueing
+    on one row. The candidate is locked before its capacity is checked again, so
+    the claim can never overcommit it. Returns None when every fitting host is
+    locked, or when none fits; the caller then falls back to :func:`claim`, which
+    waits for locks.
+    """
+    fits = (
+        hosts.c.status == ENABLED,
+        hosts.c.vcpus_used + vcpus <= hosts.c.vcpus,
+        hosts.c.ram_used + ram <= hosts.c.ram,
+        hosts.c.disk_used + disk <= hosts.c.disk,
+    )
+    best = (
+        select(hosts.c.id)
+        .where(*fits)
+        .order_by((hosts.c.ram - hosts.c.ram_used).desc(), hosts.c.name)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    row = (
+        await conn.execute(
+            update(hosts)
+            .where(hosts.c.id == best, *fits)
+            .values(**_claim_values(vcpus=vcpus, ram=ram, disk=disk))
+            .returning(*hosts.c)
+        )
+    ).first()
+    return _to_host(row) if row is not None else None
 
 
 async def release(conn: AsyncConnection, host_id: uuid.UUID, *, vcpus: int, ram: int, disk: int) -> None:

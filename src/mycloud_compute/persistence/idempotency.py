@@ -6,15 +6,17 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, insert, select, tuple_, update
+from sqlalchemy import and_, delete, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mycloud_compute.persistence.tables import idempotency_keys
 
-# Expired keys of one organization deleted by each new key, so the table stays
-# bounded without a separate purge job.
-PURGE_BATCH = 20
+# Expired keys of one organization deleted by one purge. The service purges at
+# every PURGE_EVERY-th new key, so this must exceed PURGE_EVERY for the table to
+# stay bounded without a separate purge job.
+PURGE_BATCH = 200
 
 
 def _key_matches(organization_id: uuid.UUID, key: str, route: str) -> Any:
@@ -44,31 +46,36 @@ async def insert_claim(
     request_hash: str,
     now: datetime,
     expired_before: datetime,
-) -> None:
-    """Insert the key's row without a response, first deleting an expired row of the same key.
+) -> bool:
+    """Insert the key's row without a response, or take over an expired row of the same key.
 
-    Raises IntegrityError when a live row exists. On PostgreSQL the INSERT waits
-    while another transaction has inserted the same key without committing yet,
-    and raises once that transaction commits.
+    Returns False, changing nothing, when a live row exists. It is one statement. On
+    PostgreSQL it waits while another transaction has inserted the same key without
+    committing yet, and returns False once that transaction commits.
     """
-    await conn.execute(
-        delete(idempotency_keys).where(
-            _key_matches(organization_id, key, route),
-            idempotency_keys.c.created_at < expired_before,
-        )
+    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    statement = dialect_insert(idempotency_keys).values(
+        organization_id=organization_id,
+        key=key,
+        route=route,
+        request_hash=request_hash,
+        status_code=None,
+        response_body=None,
+        location=None,
+        created_at=now,
     )
-    await conn.execute(
-        insert(idempotency_keys).values(
-            organization_id=organization_id,
-            key=key,
-            route=route,
-            request_hash=request_hash,
-            status_code=None,
-            response_body=None,
-            location=None,
-            created_at=now,
-        )
-    )
+    upsert = statement.on_conflict_do_update(
+        index_elements=[idempotency_keys.c.organization_id, idempotency_keys.c.key, idempotency_keys.c.route],
+        set_={
+            "request_hash": statement.excluded.request_hash,
+            "status_code": None,
+            "response_body": None,
+            "location": None,
+            "created_at": statement.excluded.created_at,
+        },
+        where=idempotency_keys.c.created_at < expired_before,
+    ).returning(idempotency_keys.c.created_at)
+    return (await conn.execute(upsert)).first() is not None
 
 
 async def store_response(

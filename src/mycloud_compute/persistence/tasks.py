@@ -67,9 +67,10 @@ class ClaimedTask:
     lease_expires_at: datetime
 
 
-def _is_claimable(now: datetime) -> ColumnElement[bool]:
+def _no_older_unfinished() -> ColumnElement[bool]:
+    """No older PENDING or RUNNING task of the same instance exists (looked up by ix_tasks_org_instance)."""
     older = tasks.alias("older")
-    older_unfinished = exists().where(
+    return ~exists().where(
         older.c.organization_id == tasks.c.organization_id,
         older.c.instance_id == tasks.c.instance_id,
         older.c.state.in_(UNFINISHED),
@@ -78,45 +79,33 @@ def _is_claimable(now: datetime) -> ColumnElement[bool]:
             and_(older.c.created_at == tasks.c.created_at, older.c.id < tasks.c.id),
         ),
     )
-    return and_(
-        or_(
-            tasks.c.state == TaskRunState.PENDING,
-            and_(tasks.c.state == TaskRunState.RUNNING, tasks.c.lease_expires_at < now),
-        ),
-        ~older_unfinished,
+
+
+def _claimable_ids(state_clause: ColumnElement[bool], limit: int) -> Any:
+    # One state per query, so the (state, created_at) index yields the candidates in
+    # queue order and the scan stops after ``limit`` of them, however many finished
+    # tasks the table holds.
+    return (
+        select(tasks.c.id)
+        .where(state_clause, _no_older_unfinished())
+        .order_by(tasks.c.created_at, tasks.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
     )
 
 
-async def claim_next(
-    conn: AsyncConnection, lease_owner: str, lease_seconds: float
-) -> ClaimedTask | None:
-    """Lease the oldest claimable task to ``lease_owner`` and return it, or None.
-
-    On PostgreSQL the candidate row is read with FOR UPDATE SKIP LOCKED, so
-    concurrent claimers skip each other's candidates instead of waiting or taking
-    the same task. On SQLite the clause renders as nothing, and the caller's
-    BEGIN IMMEDIATE transaction serializes claimers instead.
-
-    NOTE: lease expiry compares with this process's clock, so workers on
-    different machines need synchronized clocks (NTP) to agree on it.
-    """
-    now = utcnow()
-    candidate = (
-        await conn.execute(
-            select(tasks)
-            .where(_is_claimable(now))
-            .order_by(tasks.c.created_at, tasks.c.id)
-            .limit(1)
-            .with_for_update(skip_locked=True, of=tasks)
-        )
-    ).first()
-    if candidate is None:
-        return None
-
-    expires_at = now + timedelta(seconds=lease_seconds)
-    await conn.execute(
+async def _lease(
+    conn: AsyncConnection,
+    state_clause: ColumnElement[bool],
+    limit: int,
+    lease_owner: str,
+    now: datetime,
+    expires_at: datetime,
+) -> list[ClaimedTask]:
+    statement = (
         update(tasks)
-        .where(tasks.c.id == candidate.id)
+        .where(tasks.c.id.in_(_claimable_ids(state_clause, limit)))
         .values(
             state=TaskRunState.RUNNING,
             lease_owner=lease_owner,
@@ -124,19 +113,69 @@ async def claim_next(
             attempts=tasks.c.attempts + 1,
             updated_at=now,
         )
+        .returning(*tasks.c)
     )
-    return ClaimedTask(
-        id=candidate.id,
-        organization_id=candidate.organization_id,
-        instance_id=candidate.instance_id,
-        action=candidate.action,
-        step=candidate.step,
-        attempts=candidate.attempts + 1,
-        request_id=candidate.request_id,
-        action_id=candidate.action_id,
-        lease_owner=lease_owner,
-        lease_expires_at=expires_at,
-    )
+    return [
+        ClaimedTask(
+            id=row.id,
+            organization_id=row.organization_id,
+            instance_id=row.instance_id,
+            action=row.action,
+            step=row.step,
+            attempts=row.attempts,
+            request_id=row.request_id,
+            action_id=row.action_id,
+            lease_owner=lease_owner,
+            lease_expires_at=expires_at,
+        )
+        for row in sorted((await conn.execute(statement)).all(), key=lambda row: (row.created_at, row.id))
+    ]
+
+
+async def claim_batch(
+    conn: AsyncConnection,
+    lease_owner: str,
+    lease_seconds: float,
+    limit: int,
+    *,
+    include_expired: bool = True,
+) -> list[ClaimedTask]:
+    """Lease up to ``limit`` claimable tasks to ``lease_owner``, oldest first, and return them.
+
+    A task is claimable when it is PENDING, or RUNNING with an expired lease, and
+    no older unfinished task of its instance exists. Expired leases are taken
+    first: their tasks are older than any PENDING one. ``include_expired=False``
+    skips them, saving a statement, for a caller that looks for them less often
+    than it claims. Each kind is one UPDATE, atomic on its own, so the caller may
+    run the claim in autocommit mode. Its candidates are read with FOR UPDATE SKIP LOCKED on PostgreSQL, so
+    concurrent claimers skip each other's candidates instead of waiting or taking
+    the same task. On SQLite the clause renders as nothing, and the caller's
+    BEGIN IMMEDIATE transaction serializes claimers instead.
+
+    The tasks of one batch share ``lease_owner``. It must be new for each batch, so
+    that a lease names one claim and a later claim of the same task differs.
+
+    NOTE: lease expiry compares with this process's clock, so workers on
+    different machines need synchronized clocks (NTP) to agree on it.
+    """
+    now = utcnow()
+    expires_at = now + timedelta(seconds=lease_seconds)
+    claimed: list[ClaimedTask] = []
+    if include_expired:
+        expired = and_(tasks.c.state == TaskRunState.RUNNING, tasks.c.lease_expires_at < now)
+        claimed = await _lease(conn, expired, limit, lease_owner, now, expires_at)
+    if len(claimed) < limit:
+        pending = tasks.c.state == TaskRunState.PENDING
+        claimed += await _lease(conn, pending, limit - len(claimed), lease_owner, now, expires_at)
+    return claimed
+
+
+async def claim_next(
+    conn: AsyncConnection, lease_owner: str, lease_seconds: float
+) -> ClaimedTask | None:
+    """Lease the oldest claimable task to ``lease_owner`` and return it, or None (see claim_batch)."""
+    claimed = await claim_batch(conn, lease_owner, lease_seconds, 1)
+    return claimed[0] if claimed else None
 
 
 def _owned(task_id: uuid.UUID, lease_owner: str) -> ColumnElement[bool]:

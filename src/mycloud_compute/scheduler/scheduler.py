@@ -4,7 +4,9 @@ The filter keeps the enabled hosts with enough free vCPUs, RAM and disk. The
 weigher spreads instances: the host with the most free RAM comes first. Selection
 and claim happen in the caller's transaction, and the claim itself is a conditional
 UPDATE (see ``persistence.hosts``), so a candidate taken by a concurrent request
-in the meantime is skipped rather than overcommitted.
+in the meantime is skipped rather than overcommitted. A host that a concurrent
+claim holds locked is passed over for the next best one, so that concurrent
+builds spread over hosts instead of waiting for each other.
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ async def select_host(conn: AsyncConnection, request: ResourceRequest) -> Host |
 
     Returns None when no host fits; nothing is claimed then.
     """
+    # One statement in the common case; the loop below handles the hosts that
+    # concurrent claims hold locked, waiting for them.
+    host = await host_store.claim_best_unlocked(
+        conn, vcpus=request.vcpus, ram=request.ram, disk=request.disk
+    )
+    if host is not None:
+        return host
     for _ in range(CLAIM_ROUNDS):
         candidates = await host_store.find_candidates(
             conn, vcpus=request.vcpus, ram=request.ram, disk=request.disk

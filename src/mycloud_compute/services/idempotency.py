@@ -9,12 +9,15 @@ retried with the same key.
 
 Concurrent requests with one key are serialized by the key's primary key. The
 creating transaction inserts the key row first (``claim``), before it touches
-anything else. On PostgreSQL a second transaction's INSERT of the same key waits
-until the first commits and then fails with a unique violation. On SQLite the
-writers run one at a time, so the second finds the committed row. Either way the
-loser's transaction rolls back, and ``create_once`` reads the stored response and
-returns it. Exactly one resource is created, and every request gets the same
-response.
+anything else, with an INSERT that takes over only an expired row of the key. On
+PostgreSQL a second transaction's INSERT of the same key waits until the first
+commits and then inserts nothing. On SQLite the writers run one at a time, so the
+second finds the committed row. Either way the loser's transaction rolls back, and
+``create_once`` reads the stored response and returns it. Exactly one resource is
+created, and every request gets the same response. A repeat of a finished request
+takes the same path: no read comes before the claim, so a first request pays for
+one statement only. A request that fails with a 4xx reads the key afterwards, so
+that a repeat still gets the stored response, or the 409 for a different body.
 
 To make a creating route idempotent, the service function takes an
 ``Idempotency | None`` argument, calls ``claim`` at the start and ``record`` at the
@@ -25,6 +28,7 @@ layer has a helper for that).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import re
 import uuid
@@ -35,13 +39,12 @@ from typing import Any
 
 import msgspec
 from sqlalchemy.engine import Row
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mycloud_compute.persistence import idempotency as store
 from mycloud_compute.persistence.clock import utcnow
 from mycloud_compute.persistence.database import Database
-from mycloud_compute.services.errors import Conflict, InvalidParameter, InvalidRequest
+from mycloud_compute.services.errors import Conflict, InvalidParameter, InvalidRequest, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,9 @@ _KEY = re.compile(r"^[\x20-\x7e]+$")
 # Times create_once runs the create when, after a KeyTaken, it cannot read the stored
 # row. That happens only when the winner's row expires or is purged in between.
 CLAIM_ATTEMPTS = 3
+# A claim purges expired keys of its organization once in this many claims of the
+# process (store.PURGE_BATCH keys at a time), not at every claim.
+PURGE_EVERY = 16
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,9 @@ class Idempotency:
     response: StoredResponse | None = field(default=None)
 
 
+_claims = itertools.count(1)
+
+
 class KeyTaken(Exception):
     """Raised when another transaction stored the same key first. The caller's transaction rolls back."""
 
@@ -101,7 +110,7 @@ def check_key(values: list[str]) -> str | None:
     if len(values) > 1:
         raise InvalidParameter(HEADER, values[0][:MAX_KEY_LENGTH], f"{HEADER} is given more than once")
     value = values[0]
-    if not 1 <= len(value) <= MAX_KEY_LENGTH or not _KEY.match(value):
+    if not 1 <= len(value) <= MAX_KEY_LENGTH or not _KEY.fullmatch(value):
         raise InvalidParameter(
             HEADER,
             value[: MAX_KEY_LENGTH + 1],
@@ -156,19 +165,19 @@ async def claim(conn: AsyncConnection, idempotency: Idempotency | None) -> None:
         return
     key = idempotency.key
     now = utcnow()
-    try:
-        await store.insert_claim(
-            conn,
-            key.organization_id,
-            key.key,
-            key.route,
-            request_hash=key.request_hash,
-            now=now,
-            expired_before=now - KEY_LIFETIME,
-        )
-    except IntegrityError as exc:
-        raise KeyTaken(f"{HEADER} {key.key!r} is stored already") from exc
-    await store.purge_expired(conn, key.organization_id, expired_before=now - KEY_LIFETIME)
+    claimed = await store.insert_claim(
+        conn,
+        key.organization_id,
+        key.key,
+        key.route,
+        request_hash=key.request_hash,
+        now=now,
+        expired_before=now - KEY_LIFETIME,
+    )
+    if not claimed:
+        raise KeyTaken(f"{HEADER} {key.key!r} is stored already")
+    if next(_claims) % PURGE_EVERY == 0:
+        await store.purge_expired(conn, key.organization_id, expired_before=now - KEY_LIFETIME)
 
 
 async def record(conn: AsyncConnection, idempotency: Idempotency | None, row: Row[Any]) -> None:
@@ -199,20 +208,23 @@ async def create_once(
     if key is None:
         return render(await create(None))
 
-    stored = await find_response(db, key)
-    if stored is not None:
-        log.info("idempotent replay organization=%s route=%r key=%r", key.organization_id, key.route, key.key)
-        return stored
-
     for _ in range(CLAIM_ATTEMPTS):
         idempotency = Idempotency(key, render)
         try:
             await create(idempotency)
+        except ServiceError:
+            # A repeat whose body fails a check made before the claim still gets the
+            # stored response, or the 409 for a different body, as if the key were read first.
+            stored = await find_response(db, key, on_writer=True)
+            if stored is None:
+                raise
+            log.info("idempotent replay organization=%s route=%r key=%r", key.organization_id, key.route, key.key)
+            return stored
         except KeyTaken:
             stored = await find_response(db, key, on_writer=True)
             if stored is not None:
                 log.info(
-                    "idempotent replay after a concurrent request organization=%s route=%r key=%r",
+                    "idempotent replay organization=%s route=%r key=%r",
                     key.organization_id, key.route, key.key,
                 )
                 return stored

@@ -28,13 +28,16 @@ from mycloud_compute.services.idempotency import Idempotency
 from mycloud_compute.services.identity import Principal
 from mycloud_compute.services.lifecycle import PowerState, Status, TaskState, VmState, derive_status
 from mycloud_compute.services.listing import ListQuery, QueryFilter, parse_uuid
-from mycloud_compute.services.text import reject_control_characters
+from mycloud_compute.services.text import CONTROL_CLASS, WHITESPACE_CLASS, reject_control_characters
 
 log = logging.getLogger(__name__)
 
 # Most tags one instance may carry.
 MAX_TAGS = 50
 
+# Built once, so that a create does not rebuild them (building a statement costs Python time).
+_INSERT_ACTION = instance_actions.insert()
+_INSERT_TASK = tasks.insert()
 
 
 # --- list filters -------------------------------------------------------------------
@@ -63,7 +66,8 @@ def _parse_status(value: str) -> tuple[str, ...]:
             raise InvalidParameter(
                 "status", value, f"status must not contain an empty element; valid statuses: {valid}"
             )
-        if candidate not in Status.__members__:
+        # str.upper() maps some non-ASCII letters to ASCII ones ("ſ" to "S").
+        if not candidate.isascii() or candidate not in Status.__members__:
             raise InvalidParameter(
                 "status", value, f"unknown status {part.strip()!r}; valid statuses: {valid}"
             )
@@ -91,13 +95,26 @@ def _parse_tags(value: str) -> tuple[str, ...]:
 
 UUID_SCHEMA = {"type": "string", "format": "uuid"}
 
+# The filter rules above as regular expressions for the OpenAPI document. Statuses
+# match case-insensitively through [Aa] classes, because ECMA-262 patterns, which
+# JSON Schema uses, have no inline flags.
+_NAME_FILTER_PATTERN = rf"^[^*{CONTROL_CLASS}]*\*?$"
+_STATUS_WORD = "|".join(
+    "".join(f"[{char}{char.lower()}]" if char.isalpha() else char for char in status.value)
+    for status in Status
+)
+_STATUS_ITEM = rf"[{WHITESPACE_CLASS}]*({_STATUS_WORD})[{WHITESPACE_CLASS}]*"
+_STATUS_FILTER_PATTERN = rf"^{_STATUS_ITEM}(,{_STATUS_ITEM})*$"
+_TAG_ITEM = rf"[{WHITESPACE_CLASS}]*[^,{WHITESPACE_CLASS}{CONTROL_CLASS}]([^,{CONTROL_CLASS}]*[^,{WHITESPACE_CLASS}{CONTROL_CLASS}])?[{WHITESPACE_CLASS}]*"
+_TAGS_FILTER_PATTERN = rf"^{_TAG_ITEM}(,{_TAG_ITEM}){{0,{MAX_TAGS - 1}}}$"
+
 INSTANCE_FILTERS = (
     QueryFilter(
         "name",
         _parse_name,
         "Filter by name: exact and case-sensitive, or a prefix when it ends with a single "
         "`*` (`web-*`). `*` alone matches every name. Other characters are literal.",
-        {"type": "string", "minLength": 1, "maxLength": 255},
+        {"type": "string", "minLength": 1, "maxLength": 255, "pattern": _NAME_FILTER_PATTERN},
         "web-*",
     ),
     QueryFilter(
@@ -105,14 +122,14 @@ INSTANCE_FILTERS = (
         _parse_status,
         "Filter by status, case-insensitive; a comma-separated list matches any of them. "
         "Without it, DELETED instances are not listed.",
-        {"type": "string"},
+        {"type": "string", "pattern": _STATUS_FILTER_PATTERN},
         "ACTIVE",
     ),
     QueryFilter(
         "tags",
         _parse_tags,
         "Comma-separated tags; an instance matches when it has every one of them.",
-        {"type": "string"},
+        {"type": "string", "pattern": _TAGS_FILTER_PATTERN},
         "web,production",
     ),
     QueryFilter(
@@ -303,16 +320,17 @@ async def _record_action(
 ) -> uuid.UUID:
     action_id = uuid.uuid4()
     await conn.execute(
-        instance_actions.insert().values(
-            organization_id=principal.organization_id,
-            id=action_id,
-            instance_id=instance_id,
-            action=action,
-            status="RUNNING",
-            request_id=request_id,
-            token_name=principal.token_name,
-            started_at=utcnow(),
-        )
+        _INSERT_ACTION,
+        {
+            "organization_id": principal.organization_id,
+            "id": action_id,
+            "instance_id": instance_id,
+            "action": action,
+            "status": "RUNNING",
+            "request_id": request_id,
+            "token_name": principal.token_name,
+            "started_at": utcnow(),
+        },
     )
     return action_id
 
@@ -328,19 +346,20 @@ async def _enqueue_task(
 ) -> None:
     now = utcnow()
     await conn.execute(
-        tasks.insert().values(
-            id=uuid.uuid4(),
-            organization_id=organization_id,
-            instance_id=instance_id,
-            action=action,
-            state="PENDING",
-            step=None,
-            attempts=0,
-            request_id=request_id,
-            action_id=action_id,
-            created_at=now,
-            updated_at=now,
-        )
+        _INSERT_TASK,
+        {
+            "id": uuid.uuid4(),
+            "organization_id": organization_id,
+            "instance_id": instance_id,
+            "action": action,
+            "state": "PENDING",
+            "step": None,
+            "attempts": 0,
+            "request_id": request_id,
+            "action_id": action_id,
+            "created_at": now,
+            "updated_at": now,
+        },
     )
 
 
@@ -369,7 +388,7 @@ async def create_instance(
         key_names = await keypair_service.resolve_key_names(conn, organization_id, request.key_names)
         attachments = await volume_service.plan_attachments(conn, organization_id, request.volumes)
 
-        await store.insert_instance(
+        row = await store.insert_instance(
             conn,
             {
                 "organization_id": organization_id,
@@ -420,8 +439,6 @@ async def create_instance(
             request_id=request_id,
             action_id=action_id,
         )
-        row = await store.get(conn, organization_id, instance_id)
-        assert row is not None
         await idempotency_service.record(conn, idempotency, row)
 
     log.info(

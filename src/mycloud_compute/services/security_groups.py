@@ -349,9 +349,10 @@ async def resolve_for_instance(
             [],
             "security_groups must name at least one group; leave it out to get 'default'",
         )
-    if networks.DEFAULT_SECURITY_GROUP in names:
-        await networks.ensure_default_security_group(conn, organization_id)
     found = await store.find_by_names(conn, organization_id, names, lock=True)
+    if networks.DEFAULT_SECURITY_GROUP in names and networks.DEFAULT_SECURITY_GROUP not in found:
+        await networks.ensure_default_security_group(conn, organization_id)
+        found = await store.find_by_names(conn, organization_id, names, lock=True)
     for name in names:
         if name not in found:
             raise InvalidParameter("security_groups", name, f"security group {name!r} not found")

@@ -14,13 +14,16 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import prometheus_client
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mycloud_compute.drivers.base import ComputeDriver
 from mycloud_compute.drivers.simulated import SimulatedDriver
@@ -50,6 +53,7 @@ from mycloud_compute.worker.resize import (
     run_resize,
     run_revert_resize,
 )
+from mycloud_compute.worker.stoppable import StoppableDriver, StopSignal
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,9 @@ TASKS_FINISHED = prometheus_client.Counter(
     "Tasks this process's worker ran to an end, by action and final state.",
     ["action", "outcome"],
 )
+
+# How long a stopping worker waits for its tasks to reach a driver call or their end.
+STOP_GRACE_SECONDS = 10.0
 
 # Errors that a database or network outage raises; a claim that fails with one is
 # retried at the next poll.
@@ -132,6 +139,9 @@ class Worker:
         self.outcomes: Counter[tuple[str, str]] = Counter()
         self._running: set[asyncio.Task[None]] = set()
         self._claim_failures = 0
+        self._stopping = False
+        self._stop_signals: dict[asyncio.Task[None], StopSignal] = {}
+        self._next_expired_check = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sync the driver's hosts, then run tasks until ``stop`` is set or the call is cancelled.
@@ -197,22 +207,46 @@ class Worker:
         """Claim tasks until every slot is busy or none is claimable; return how many."""
         claimed = 0
         while len(self._running) < self.concurrency:
-            task = await self._claim()
-            if task is None:
+            limit = self.concurrency - len(self._running)
+            batch = await self._claim(limit)
+            for task in batch:
+                running = asyncio.create_task(self._execute(task), name=f"task-{task.id}")
+                self._running.add(running)
+                running.add_done_callback(self._running.discard)
+            claimed += len(batch)
+            if len(batch) < limit:
                 break
-            claimed += 1
-            running = asyncio.create_task(self._execute(task), name=f"task-{task.id}")
-            self._running.add(running)
-            running.add_done_callback(self._running.discard)
         return claimed
 
-    async def _claim(self) -> ClaimedTask | None:
+    @asynccontextmanager
+    async def _claim_connection(self) -> AsyncIterator[AsyncConnection]:
+        """Open a connection for claims: autocommit on PostgreSQL, a write transaction on SQLite.
+
+        Each claim statement is atomic on its own, so PostgreSQL needs no BEGIN and COMMIT.
+        """
+        if self.db.is_sqlite:
+            async with self.db.transaction() as conn:
+                yield conn
+            return
+        async with self.db.writer.connect() as conn:
+            yield await conn.execution_options(isolation_level="AUTOCOMMIT")
+
+    async def _claim(self, limit: int) -> list[ClaimedTask]:
+        """Claim up to ``limit`` tasks; an empty list when none is claimable.
+
+        Tasks with an expired lease are looked for at most once per poll interval:
+        a worker claims far more often than leases expire.
+        """
         # Each claim gets its own lease owner, so a lease names one claim and a
         # worker cannot mistake a later claim of the same task for its own.
         lease_owner = f"{self.name}:{uuid.uuid4().hex[:12]}"
+        now = time.monotonic()
+        include_expired = now >= self._next_expired_check
         try:
-            async with self.db.transaction() as conn:
-                task = await task_store.claim_next(conn, lease_owner, self.lease_seconds)
+            async with self._claim_connection() as conn:
+                batch = await task_store.claim_batch(
+                    conn, lease_owner, self.lease_seconds, limit, include_expired=include_expired
+                )
         except TRANSIENT_ERRORS as exc:
             self._claim_failures += 1
             # Log the first failure of an outage and every 100th after it, not every poll.
@@ -223,24 +257,46 @@ class Worker:
                     self._claim_failures,
                     str(exc),
                 )
-            return None
+            return []
+        if include_expired:
+            self._next_expired_check = now + self.poll_interval
         if self._claim_failures:
             log.info("task claim succeeded again worker=%s after_failures=%d", self.name, self._claim_failures)
             self._claim_failures = 0
-        return task
+        return batch
 
     async def _interrupt_running(self) -> None:
+        """Stop the running tasks at their next driver call, or cancel them after a grace period.
+
+        A task cancelled inside a transaction may leave a connection that holds
+        SQLite's write lock (see stoppable.py), so tasks busy with the database get
+        STOP_GRACE_SECONDS to reach a driver call or their end.
+        """
+        self._stopping = True
         running = list(self._running)
         for task in running:
+            signal = self._stop_signals.get(task)
+            if signal is not None:
+                signal.request_stop(task)
+        if not running:
+            return
+        _, pending = await asyncio.wait(running, timeout=STOP_GRACE_SECONDS)
+        for task in pending:
+            log.warning("task still running at stop, cancelling it worker=%s task_name=%s",
+                        self.name, task.get_name())
             task.cancel()
-        if running:
-            await asyncio.gather(*running, return_exceptions=True)
+        await asyncio.gather(*running, return_exceptions=True)
 
     async def _execute(self, task: ClaimedTask) -> None:
         """Run one claimed task with a heartbeat that keeps its lease alive."""
-        ctx = TaskContext(task=task, db=self.db, driver=self.driver, lease_seconds=self.lease_seconds)
+        signal = StopSignal()
+        signal.stopping = self._stopping
+        ctx = TaskContext(
+            task=task, db=self.db, driver=StoppableDriver(self.driver, signal), lease_seconds=self.lease_seconds
+        )
         current = asyncio.current_task()
         assert current is not None
+        self._stop_signals[current] = signal
         lease_lost = asyncio.Event()
         heartbeat_stop = asyncio.Event()
         heartbeat = asyncio.create_task(self._keep_lease(ctx, current, lease_lost, heartbeat_stop))
@@ -255,6 +311,7 @@ class Worker:
             current.uncancel()
             log.warning("task abandoned: its lease was lost worker=%s %s", self.name, ctx.log_ids)
         finally:
+            self._stop_signals.pop(current, None)
             # Stop the heartbeat between renewals rather than in the middle of one.
             heartbeat_stop.set()
             await asyncio.gather(heartbeat, return_exceptions=True)
