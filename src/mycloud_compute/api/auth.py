@@ -29,12 +29,19 @@ class BearerTokenMiddleware(AbstractAuthenticationMiddleware):
             raise Unauthorized(
                 "the Authorization header must be 'Bearer <token>'", token_given=False
             )
-        principal = await authenticate(connection.app.state.db, secret)
+        # A route with opt["token_cache"] confirms the token in its own statement.
+        route_handler = connection.scope.get("route_handler")
+        use_cache = route_handler is not None and bool(route_handler.opt.get("token_cache"))
+        principal = await authenticate(connection.app.state.db, secret, use_cache=use_cache)
         return AuthenticationResult(user=principal, auth=None)
 
 
-def scope_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-    """Reject a token that lacks the scope named in the route's ``opt["scope"]``."""
+async def scope_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """Reject a token that lacks the scope named in the route's ``opt["scope"]``.
+
+    A coroutine on purpose: Litestar runs a plain-function guard in a worker thread,
+    which costs every request a thread hand-off.
+    """
     required = handler.opt.get("scope")
     if required is None:
         return

@@ -116,16 +116,41 @@ def page_envelope(
     page: ListPage,
 ) -> tuple[PageMeta, PageLinks]:
     """Build the ``meta`` and ``links`` of a list response from a service's page."""
-    last_id = page.rows[-1].id if page.rows else None
-    meta = page_meta(page.total, query.limit, last_id, page.has_more)
+    return envelope(
+        request,
+        settings,
+        query,
+        declared,
+        total=page.total,
+        last_id=page.rows[-1].id if page.rows else None,
+        has_more=page.has_more,
+        previous_marker=page.previous_marker,
+        previous_is_first=page.previous_is_first,
+    )
+
+
+def envelope(
+    request: Request[Any, Any, Any],
+    settings: Settings,
+    query: ListQuery,
+    declared: Sequence[QueryFilter],
+    *,
+    total: int,
+    last_id: uuid.UUID | None,
+    has_more: bool,
+    previous_marker: uuid.UUID | None,
+    previous_is_first: bool,
+) -> tuple[PageMeta, PageLinks]:
+    """Build the ``meta`` and ``links`` of a list response from the paging facts."""
+    meta = page_meta(total, query.limit, last_id, has_more)
     links = page_links(
         request,
         settings,
         query,
         declared,
         last_id=last_id,
-        has_more=page.has_more,
-        previous_marker=page.previous_marker,
-        previous_is_first=page.previous_is_first,
+        has_more=has_more,
+        previous_marker=previous_marker,
+        previous_is_first=previous_is_first,
     )
     return meta, links

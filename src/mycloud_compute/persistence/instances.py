@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -11,7 +12,8 @@ from sqlalchemy import ColumnElement, Select, and_, delete, func, insert, select
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from mycloud_compute.persistence.tables import instance_tags, instances
+from mycloud_compute.persistence.clock import utcnow
+from mycloud_compute.persistence.tables import instance_counts, instance_tags, instances
 
 # Columns returned for the API representation of an instance, in the public order.
 INSTANCE_COLUMNS = (
@@ -184,6 +186,40 @@ async def position_before(
 
 
 async def count(conn: AsyncConnection, organization_id: uuid.UUID, filters: InstanceFilters) -> int:
+    """Count the instances that match ``filters``.
+
+    Without a name or tags filter the count is a sum over the organization's rows
+    of ``instance_counts``, which triggers keep exact; otherwise an index scan.
+    """
+    if filters.name is None and not filters.tags:
+        counts = instance_counts.c
+        clauses = [counts.organization_id == organization_id]
+        if filters.statuses is None:
+            clauses.append(counts.status != "DELETED")
+        else:
+            clauses.append(counts.status.in_(filters.statuses))
+        if filters.flavor_id is not None:
+            clauses.append(counts.flavor_id == filters.flavor_id)
+        if filters.image_id is not None:
+            clauses.append(counts.image_id == filters.image_id)
+        summed = select(func.coalesce(func.sum(counts.count), 0)).where(*clauses)
+        return int((await conn.execute(summed)).scalar_one())
+    if filters.tags and filters.name is None and filters.flavor_id is None and filters.image_id is None:
+        # The tag rows carry their instance's status (kept by triggers).
+        tagged = instance_tags.c
+        tag_clauses = [tagged.organization_id == organization_id, tagged.tag.in_(filters.tags)]
+        if filters.statuses is None:
+            tag_clauses.append(tagged.status != "DELETED")
+        else:
+            tag_clauses.append(tagged.status.in_(filters.statuses))
+        matched = (
+            select(tagged.instance_id)
+            .where(*tag_clauses)
+            .group_by(tagged.instance_id)
+            .having(func.count() == len(filters.tags))
+            .subquery()
+        )
+        return int((await conn.execute(select(func.count()).select_from(matched))).scalar_one())
     query = select(func.count()).select_from(instances).where(and_(*_where(organization_id, filters)))
     return int((await conn.execute(query)).scalar_one())
 
@@ -209,9 +245,22 @@ async def get_for_update(
     return (await conn.execute(query)).first()
 
 
-async def insert_instance(conn: AsyncConnection, values: dict[str, Any]) -> None:
-    await conn.execute(insert(instances).values(**values))
-    await replace_tags(conn, values["organization_id"], values["id"], values["tags"])
+async def insert_instance(conn: AsyncConnection, values: dict[str, Any]) -> Row[Any]:
+    """Insert an instance with its tags and return the stored row (as ``get`` reads it)."""
+    row = (await conn.execute(_INSERT_INSTANCE, values)).one()
+    if values["tags"]:
+        await conn.execute(
+            insert(instance_tags),
+            [
+                {"organization_id": values["organization_id"], "instance_id": values["id"], "tag": tag}
+                for tag in values["tags"]
+            ],
+        )
+    return row
+
+
+# Built once, so that a create does not rebuild it (building a statement costs Python time).
+_INSERT_INSTANCE = insert(instances).returning(*instances.c)
 
 
 async def update_instance(
@@ -240,3 +289,297 @@ async def replace_tags(
             insert(instance_tags),
             [{"organization_id": organization_id, "instance_id": instance_id, "tag": tag} for tag in tags],
         )
+
+
+# --- the list page rendered by PostgreSQL ---------------------------------------------
+#
+# On PostgreSQL one statement returns a whole list page: the instances already
+# rendered as the JSON array the API sends, the total, whether a page follows, the
+# markers, and optionally whether the caller's token is still valid. The JSON
+# columns are copied as stored (the service writes them compact, as msgspec
+# encodes them), strings go through to_json, whose escaping equals msgspec's, and
+# timestamps are cut to whole seconds like the Python rendering.
+
+_TIMESTAMP = """'YYYY-MM-DD"T"HH24:MI:SS"Z"'"""
+
+
+def _timestamp_sql(column: str) -> str:
+    return f"""'"' || to_char(i.{column}, {_TIMESTAMP}) || '"'"""
+
+
+_INSTANCE_JSON = " || ".join(
+    [
+        """'{"id":"' || i.id::text || '",' || $3::text || i.id::text || '"'""",
+        """',"name":' || to_json(i.name::text)::text""",
+        """',"description":' || to_json(i.description::text)::text""",
+        """',"status":' || to_json(i.status::text)::text""",
+        """',"power_state":' || to_json(i.power_state::text)::text""",
+        """',"task_state":' || coalesce(to_json(i.task_state::text)::text, 'null')""",
+        """',"vm_state":' || to_json(i.vm_state::text)::text""",
+        *(
+            f"""',"{column}":' || i.{column}::text"""
+            for column in (
+                "flavor", "image", "addresses", "security_groups", "volumes_attached",
+                "key_names", "metadata", "tags",
+            )
+        ),
+        """',"fault":' || coalesce(i.fault::text, 'null')""",
+        """',"created_at":' || """ + _timestamp_sql("created_at"),
+        """',"updated_at":' || """ + _timestamp_sql("updated_at"),
+        """',"launched_at":' || coalesce(""" + _timestamp_sql("launched_at") + ", 'null')",
+        """',"terminated_at":' || coalesce(""" + _timestamp_sql("terminated_at") + ", 'null')",
+        "'}'",
+    ]
+)
+
+
+@dataclass(frozen=True)
+class PageShape:
+    """The filters a list request uses; each shape is one prepared statement."""
+
+    name: str  # "", "exact", "prefix" or "prefix_open" (no upper bound)
+    statuses: int  # 0: not filtered (DELETED hidden), 1: one status, 2: several
+    tags: int  # how many tags the instance must all have
+    flavor: bool
+    image: bool
+    marker: bool
+    check_token: bool
+
+
+@dataclass(frozen=True)
+class RenderedPage:
+    """A list page from :func:`read_rendered_page`."""
+
+    token_valid: bool
+    marker_found: bool
+    total: int
+    # The page's instances as a JSON array, ready to send.
+    instances_json: str
+    has_more: bool
+    last_id: uuid.UUID | None
+    previous_marker: uuid.UUID | None
+    previous_is_first: bool
+
+
+def _shape_and_arguments(
+    filters: InstanceFilters, marker: uuid.UUID | None, secret_hash: str | None
+) -> tuple[PageShape, list[Any]]:
+    """Return the statement shape and its arguments from $4 on ($1..$3 are fixed)."""
+    arguments: list[Any] = []
+
+    name = ""
+    if filters.name is not None:
+        if not filters.name_is_prefix:
+            name = "exact"
+            arguments.append(filters.name)
+        elif filters.name:
+            upper = _prefix_upper_bound(filters.name)
+            name = "prefix" if upper is not None else "prefix_open"
+            arguments.append(filters.name)
+            if upper is not None:
+                arguments.append(upper)
+
+    statuses = 0 if filters.statuses is None else min(len(filters.statuses), 2)
+    if statuses == 1:
+        arguments.append(filters.statuses[0])  # type: ignore[index]
+    elif statuses == 2:
+        arguments.append(list(filters.statuses))  # type: ignore[arg-type]
+
+    tags = len(filters.tags) if filters.tags else 0
+    arguments.extend(filters.tags or ())
+
+    if filters.flavor_id is not None:
+        arguments.append(filters.flavor_id)
+    if filters.image_id is not None:
+        arguments.append(filters.image_id)
+    if marker is not None:
+        arguments.append(marker)
+    if secret_hash is not None:
+        arguments.extend([secret_hash, utcnow()])
+    shape = PageShape(
+        name=name,
+        statuses=statuses,
+        tags=tags,
+        flavor=filters.flavor_id is not None,
+        image=filters.image_id is not None,
+        marker=marker is not None,
+        check_token=secret_hash is not None,
+    )
+    return shape, arguments
+
+
+class _Parameters:
+    """Numbers positional parameters from $4 on, in the order they are asked for."""
+
+    def __init__(self) -> None:
+        self.next = 4
+
+    def take(self, count: int = 1) -> list[str]:
+        numbers = [f"${self.next + offset}" for offset in range(count)]
+        self.next += count
+        return numbers
+
+
+def _needs_custom_plan(shape: PageShape) -> bool:
+    """Whether the statement must be planned with each request's values.
+
+    A cached statement gets a generic plan after a few runs, and a generic plan
+    assumes an organization of average size. That is right for the shapes that
+    walk one index in list order, whatever the values. For a marker, a name prefix,
+    tags or several statuses it can pick a plan that sorts a large organization's
+    matches, which costs far more than planning each time.
+    """
+    return shape.marker or shape.name.startswith("prefix") or bool(shape.tags) or shape.statuses == 2
+
+
+@functools.lru_cache(maxsize=512)
+def page_statement(shape: PageShape) -> str:
+    """Return the SQL of one list page for ``shape``.
+
+    Parameters: $1 organization id, $2 limit, $3 the JSON text that starts the CRN
+    member (``"crn":"crn:<region>:compute:instance:``), then the filter values in
+    the order of :func:`_shape_and_arguments`.
+    """
+    parameters = _Parameters()
+    where: list[str] = ["{t}.organization_id = $1"]
+    counter_where: list[str] = ["c.organization_id = $1"]
+    if shape.name == "exact":
+        (name,) = parameters.take()
+        where.append(f"{{t}}.name = {name}")
+    elif shape.name == "prefix":
+        low, high = parameters.take(2)
+        where.append(f"{{t}}.name >= {low} AND {{t}}.name < {high}")
+    elif shape.name == "prefix_open":
+        (low,) = parameters.take()
+        where.append(f"{{t}}.name >= {low}")
+    if shape.statuses == 0:
+        status = "{t}.status <> 'DELETED'"
+    elif shape.statuses == 1:
+        status = "{t}.status = " + parameters.take()[0]
+    else:
+        status = "{t}.status = ANY(" + parameters.take()[0] + "::varchar[])"
+    where.append(status)
+    counter_where.append(status.format(t="c"))
+    tags = parameters.take(shape.tags)
+    # One semi-join per tag, so that a page can walk the list order and probe the
+    # tag index for each instance, and stop after `limit` matches.
+    where.extend(
+        f"EXISTS (SELECT 1 FROM instance_tags g{number} WHERE g{number}.organization_id = $1 "
+        f"AND g{number}.tag = {tag} AND g{number}.instance_id = {{t}}.id)"
+        for number, tag in enumerate(tags)
+    )
+    for enabled, column in ((shape.flavor, "flavor_id"), (shape.image, "image_id")):
+        if enabled:
+            (value,) = parameters.take()
+            where.append(f"{{t}}.{column} = {value}")
+            counter_where.append(f"c.{column} = {value}")
+
+    position = ""
+    if shape.marker:
+        (marker,) = parameters.take()
+        position = (
+            f"(SELECT m.created_at, m.id FROM instances m "
+            f"WHERE m.organization_id = $1 AND m.id = {marker})"
+        )
+
+    def condition(table: str) -> str:
+        return " AND ".join(clause.format(t=table) for clause in where)
+
+    if shape.tags and not (shape.name or shape.flavor or shape.image):
+        # The tag rows carry the instance's status: index-only scans of the tag
+        # index, joined on the instance id for each further tag; no instance rows.
+        others = "".join(
+            f" AND EXISTS (SELECT 1 FROM instance_tags g{number} WHERE g{number}.organization_id = $1 "
+            f"AND g{number}.tag = {tag} AND g{number}.instance_id = g.instance_id)"
+            for number, tag in enumerate(tags[1:], start=1)
+        )
+        total = (
+            "(SELECT count(*) FROM instance_tags g WHERE g.organization_id = $1 "
+            f"AND g.tag = {tags[0]} AND {status.format(t='g')}{others})"
+        )
+    elif shape.name or shape.tags:
+        total = f"(SELECT count(*) FROM instances i WHERE {condition('i')})"
+    else:
+        total = (
+            "(SELECT coalesce(sum(c.count), 0) FROM instance_counts c "
+            f"WHERE {' AND '.join(counter_where)})::bigint"
+        )
+
+    page_where = condition("i")
+    marker_found = "true"
+    previous = "NULL::uuid"
+    if shape.marker:
+        page_where += f" AND (i.created_at, i.id) < {position}"
+        marker_found = f"EXISTS {position}"
+        previous = (
+            f"(SELECT q.id FROM instances q WHERE {condition('q')} "
+            f"AND (q.created_at, q.id) > {position} "
+            "ORDER BY q.created_at, q.id OFFSET $2 - 1 LIMIT 1)"
+        )
+    token_valid = "true"
+    if shape.check_token:
+        secret_hash, now = parameters.take(2)
+        token_valid = (
+            "EXISTS (SELECT 1 FROM tokens k WHERE k.secret_hash = "
+            f"{secret_hash} AND k.organization_id = $1 AND k.revoked_at IS NULL "
+            f"AND (k.expires_at IS NULL OR k.expires_at > {now}))"
+        )
+
+    return f"""
+WITH page AS MATERIALIZED (
+    SELECT i.created_at, i.id, {_INSTANCE_JSON} AS document
+    FROM instances i
+    WHERE {page_where}
+    ORDER BY i.created_at DESC, i.id DESC
+    LIMIT $2 + 1
+), shown AS MATERIALIZED (
+    SELECT created_at, id, document FROM page ORDER BY created_at DESC, id DESC LIMIT $2
+)
+SELECT
+    {token_valid} AS token_valid,
+    {marker_found} AS marker_found,
+    {total} AS total,
+    (SELECT '[' || coalesce(string_agg(document, ',' ORDER BY created_at DESC, id DESC), '') || ']'
+       FROM shown) AS instances_json,
+    (SELECT count(*) FROM page) > $2 AS has_more,
+    (SELECT id FROM shown ORDER BY created_at, id LIMIT 1) AS last_id,
+    {previous} AS previous_marker
+"""
+
+
+async def read_rendered_page(
+    conn: AsyncConnection,
+    organization_id: uuid.UUID,
+    filters: InstanceFilters,
+    *,
+    marker: uuid.UUID | None,
+    limit: int,
+    crn_prefix: str,
+    secret_hash: str | None = None,
+) -> RenderedPage:
+    """Read one list page on PostgreSQL in a single statement.
+
+    ``crn_prefix`` is the JSON text ``"crn":"crn:<region>:compute:instance:``.
+    With ``secret_hash`` the statement also checks that this token of the
+    organization is still valid (not revoked, not expired).
+    """
+    shape, arguments = _shape_and_arguments(filters, marker, secret_hash)
+    raw = (await conn.get_raw_connection()).driver_connection
+    assert raw is not None
+    sql = page_statement(shape)
+    if _needs_custom_plan(shape):
+        # Prepared once for this request, so planned with its actual values.
+        statement = await raw.prepare(sql)
+        row = await statement.fetchrow(organization_id, limit, crn_prefix, *arguments)
+    else:
+        row = await raw.fetchrow(sql, organization_id, limit, crn_prefix, *arguments)
+    return RenderedPage(
+        token_valid=row["token_valid"],
+        marker_found=row["marker_found"],
+        total=row["total"],
+        instances_json=row["instances_json"],
+        has_more=row["has_more"],
+        last_id=row["last_id"],
+        previous_marker=row["previous_marker"],
+        previous_is_first=marker is not None and row["previous_marker"] is None,
+    )

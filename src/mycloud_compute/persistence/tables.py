@@ -193,7 +193,10 @@ instances = Table(
     # is an index range scan that stops after `limit` rows.
     Index("ix_instances_org_created", "organization_id", "created_at", "id"),
     Index("ix_instances_org_status_created", "organization_id", "status", "created_at", "id"),
-    Index("ix_instances_org_name_created", "organization_id", "name", "created_at", "id"),
+    Index(
+        "ix_instances_org_name_created", "organization_id", "name", "created_at", "id",
+        postgresql_include=["status"],
+    ),
     Index("ix_instances_org_flavor_created", "organization_id", "flavor_id", "created_at", "id"),
     Index("ix_instances_org_image_created", "organization_id", "image_id", "created_at", "id"),
 )
@@ -204,13 +207,19 @@ instance_tags = Table(
     Column("organization_id", Uuid, nullable=False),
     Column("instance_id", Uuid, nullable=False),
     Column("tag", Name(60), nullable=False),
+    # The instance's status, kept by database triggers (migration 0006), so that the
+    # total of a tags filter counts index entries without reading the instances.
+    Column("status", String(16), nullable=True),
     PrimaryKeyConstraint("organization_id", "instance_id", "tag"),
     ForeignKeyConstraint(
         ["organization_id", "instance_id"],
         ["instances.organization_id", "instances.id"],
         ondelete="CASCADE",
     ),
-    Index("ix_instance_tags_org_tag_instance", "organization_id", "tag", "instance_id"),
+    Index(
+        "ix_instance_tags_org_tag_instance", "organization_id", "tag", "instance_id",
+        postgresql_include=["status"],
+    ),
 )
 
 ports = Table(
@@ -406,4 +415,21 @@ idempotency_keys = Table(
     ForeignKeyConstraint(["organization_id"], ["organizations.id"]),
     # Finds an organization's expired keys for the lazy purge.
     Index("ix_idempotency_keys_org_created", "organization_id", "created_at"),
+)
+
+
+# --- list totals (migration 0006) ------------------------------------------------------
+
+# How many instances each organization has per (status, flavor_id, image_id), kept
+# exact by database triggers on ``instances``. The list's ``meta.total`` sums a few
+# of these rows instead of counting the organization's instances.
+instance_counts = Table(
+    "instance_counts",
+    metadata,
+    Column("organization_id", Uuid, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("flavor_id", Uuid, nullable=False),
+    Column("image_id", Uuid, nullable=False),
+    Column("count", BigInteger, nullable=False),
+    PrimaryKeyConstraint("organization_id", "status", "flavor_id", "image_id"),
 )

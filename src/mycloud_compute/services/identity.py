@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import logging
 import secrets
+import time
 import uuid
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from mycloud_compute.persistence import identity as store
@@ -32,6 +34,9 @@ class Principal:
     organization_name: str
     token_name: str
     scopes: frozenset[str]
+    # Set when the principal came from the token cache: the hash of the token's
+    # secret, so that the request can confirm the token is still valid.
+    unconfirmed_hash: str | None = field(default=None, repr=False, compare=False)
 
     def allows(self, scope: str) -> bool:
         return scope in self.scopes
@@ -138,9 +143,75 @@ async def revoke_token(db: Database, organization_name: str, name: str) -> None:
     log.info("token revoked organization=%s token_name=%s", organization.id, name)
 
 
-async def authenticate(db: Database, secret: str) -> Principal:
-    """Return the principal of a token secret, or raise Unauthorized."""
+# --- token cache ----------------------------------------------------------------------
+#
+# A route that confirms the token itself, in the same statement as its own work
+# (the instance list does), may take the principal from this cache and skip the
+# token lookup. The cache never decides alone: a revoked or expired token is
+# rejected by that statement on the very next request. Entries are dropped after
+# CACHE_SECONDS so that a long-lived process does not keep stale organization names.
+
+CACHE_SECONDS = 60.0
+CACHE_ENTRIES = 10_000
+
+
+@dataclass(frozen=True)
+class _CachedToken:
+    principal: Principal
+    expires_at: datetime | None
+    stored_at: float
+
+
+_token_cache: dict[str, _CachedToken] = {}
+
+
+def _cached_principal(secret_hash: str) -> Principal | None:
+    entry = _token_cache.get(secret_hash)
+    if entry is None:
+        return None
+    if time.monotonic() - entry.stored_at > CACHE_SECONDS or (
+        entry.expires_at is not None and entry.expires_at <= utcnow()
+    ):
+        _token_cache.pop(secret_hash, None)
+        return None
+    return entry.principal
+
+
+def forget_token(secret_hash: str) -> None:
+    """Drop a token from the cache, e.g. when a request found it no longer valid."""
+    _token_cache.pop(secret_hash, None)
+
+
+async def authenticate(db: Database, secret: str, *, use_cache: bool = False) -> Principal:
+    """Return the principal of a token secret, or raise Unauthorized.
+
+    With ``use_cache`` the principal may come from the token cache; it then carries
+    ``unconfirmed_hash`` and the caller must confirm the token (see
+    :func:`confirm_token`) before it responds.
+    """
     secret_hash = hash_secret(secret)
+    if use_cache:
+        cached = _cached_principal(secret_hash)
+        if cached is not None:
+            return cached
+    principal, expires_at = await _look_up(db, secret_hash)
+    if use_cache:
+        if len(_token_cache) >= CACHE_ENTRIES:
+            _token_cache.clear()
+        unconfirmed = dataclasses.replace(principal, unconfirmed_hash=secret_hash)
+        _token_cache[secret_hash] = _CachedToken(unconfirmed, expires_at, time.monotonic())
+    return principal
+
+
+async def confirm_token(db: Database, principal: Principal) -> None:
+    """Raise Unauthorized unless the token of a cached principal is still valid."""
+    if principal.unconfirmed_hash is None:
+        return
+    forget_token(principal.unconfirmed_hash)
+    await _look_up(db, principal.unconfirmed_hash)
+
+
+async def _look_up(db: Database, secret_hash: str) -> tuple[Principal, datetime | None]:
     async with db.snapshot() as conn:
         row = await store.find_token_by_hash(conn, secret_hash)
     # The lookup is by hash, so timing reveals nothing about the secret; the
@@ -152,9 +223,10 @@ async def authenticate(db: Database, secret: str) -> Principal:
         raise Unauthorized("the token has been revoked", token_given=True)
     if row.expires_at is not None and row.expires_at <= now:
         raise Unauthorized("the token has expired", token_given=True)
-    return Principal(
+    principal = Principal(
         organization_id=row.organization_id,
         organization_name=row.organization_name,
         token_name=row.name,
         scopes=frozenset(row.scopes.split(",")),
     )
+    return principal, row.expires_at
