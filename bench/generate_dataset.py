@@ -4,7 +4,7 @@ Usage:
     python bench/generate_dataset.py --database-url postgresql://postgres@127.0.0.1:5432/mycloud_bench \
         --instances 1000000 --organizations 10000 --big-organization 100000
 
-The database is created if missing, migrated, and filled. One organization
+The database is dropped if it exists, created, migrated and filled. One organization
 ("bench-big") owns ``--big-organization`` instances, and the rest are spread over the
 other organizations. Each instance gets a realistic name, 0-5 tags from a small
 vocabulary, metadata, one fixed address on the organization's private network, a
@@ -141,11 +141,15 @@ INSTANCE_COLUMNS = [
 
 
 async def _create_database(admin_url: str, name: str) -> None:
+    """Drop the database if it exists and create it empty.
+
+    A dataset loaded on top of an earlier one would double the instances while the
+    command line still says the old size, so every run starts from nothing.
+    """
     connection = await asyncpg.connect(admin_url)
     try:
-        exists = await connection.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
-        if not exists:
-            await connection.execute(f'CREATE DATABASE "{name}"')
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await connection.execute(f'CREATE DATABASE "{name}"')
     finally:
         await connection.close()
 
