@@ -195,3 +195,48 @@ def test_failed_request_logged_with_id(org: Org) -> None:
     line = next(line for line in org.api.logs().splitlines() if request_id in line)
     assert "status=400" in line
     assert "path=/v1/instances" in line
+
+
+def test_path_cannot_forge_log_lines(org: Org) -> None:
+    """A percent-encoded line break in the path started a new, forged log line."""
+    forged = "FORGED ERROR mycloud_compute.api.app request_id=req-forged"
+    with org.client("read") as client:
+        response = client.get(f"/v1/x%0A{forged.replace(' ', '%20')}%00%E2%80%AE")
+    request_id = response.headers["x-request-id"]
+    deadline = time.monotonic() + 5
+    while request_id not in org.api.logs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    logs = org.api.logs()
+    line = next(line for line in logs.splitlines() if request_id in line)
+
+    assert response.status_code == 404
+    assert not any(logged.startswith("FORGED") for logged in logs.splitlines())
+    assert "\x00" not in logs
+    assert "\u202e" not in logs
+    assert "path=/v1/x\\nFORGED" in line
+    assert "\\x00\\u202e" in line
+
+
+@pytest.mark.parametrize("valid_first", [True, False])
+def test_two_authorization_headers_rejected(org: Org, valid_first: bool) -> None:
+    """The first of two Authorization headers won, which a proxy may read differently."""
+    valid = f"Bearer {org.tokens['read']}"
+    bogus = "Bearer mcp_" + "x" * 43
+    values = [valid, bogus] if valid_first else [bogus, valid]
+    headers = [("Authorization", value) for value in values]
+
+    with org.api.client() as client:
+        response = client.get("/v1/instances", headers=headers)
+
+    error = assert_error(response, 401, "unauthorized")
+    assert "exactly one Authorization header" in error["message"]
+
+
+def test_body_too_large_names_limit(org: Org) -> None:
+    """The 413 message did not say what the limit was, unlike the 414 and 431 messages."""
+    body = b'{"name": "' + b"x" * (1024 * 1024) + b'"}'
+    with org.client() as client:
+        response = client.post("/v1/instances", content=body, headers={"Content-Type": "application/json"})
+
+    error = assert_error(response, 413, "payload_too_large")
+    assert "the limit is 1048576 bytes" in error["message"]

@@ -197,6 +197,8 @@ def test_head_like_get_without_body(client: httpx.Client) -> None:
         "application/x-www-form-urlencoded",
         "application/xml",
         "application/jsonx",
+        "application/json; charset=latin-1",
+        'application/json; charset="utf-16"',
         None,
     ],
 )

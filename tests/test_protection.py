@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import ApiServer, Backend, Org, make_org, start_api
-from helpers import SMALL_FLAVOR, UBUNTU_IMAGE, assert_error, create_instance
+from helpers import SMALL_FLAVOR, UBUNTU_IMAGE, assert_error, create_instance, wait_for
 
 from mycloud_compute.api.rate_limit import RateLimiter
 from mycloud_compute.client import Client, RateLimited, RetryPolicy
@@ -591,7 +591,9 @@ def test_tokens_never_logged(backend: Backend, tmp_path: Path) -> None:
     try:
         statuses = send_tokens_everywhere(server, tokens)
         with server.client(tokens["good"]) as client:
-            create_instance(client, "leak-check")
+            # The worker's spawn step is the one source of DEBUG lines checked below.
+            created = create_instance(client, "leak-check")
+            wait_for(client, created["id"], status="ACTIVE")
             https_headers = client.get("/healthz").headers
     finally:
         server.stop()

@@ -58,3 +58,26 @@ def test_simulated_hosts_rejects_garbage(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("MYCLOUD_SIMULATED_HOSTS", "bad")
     with pytest.raises(ValidationError, match="invalid simulated host 'bad'"):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("inf", "finite number"),
+        ("nan", "finite number"),
+        ("1e400", "finite number"),
+        ("2000000", "less than or equal to 1000000"),
+        ("0.0000001", "at least 0.01"),
+        ("-1", "greater than or equal to 0"),
+    ],
+)
+def test_rate_limit_rejects_extremes(monkeypatch: pytest.MonkeyPatch, value: str, message: str) -> None:
+    monkeypatch.setenv("MYCLOUD_RATE_LIMIT_PER_SECOND", value)
+    with pytest.raises(ValidationError, match=message):
+        Settings()
+
+
+@pytest.mark.parametrize("value", ["0", "0.01", "0.5", "1000000"])
+def test_rate_limit_accepts_range(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("MYCLOUD_RATE_LIMIT_PER_SECOND", value)
+    assert Settings().rate_limit_per_second == float(value)

@@ -51,11 +51,17 @@ class Settings(BaseSettings):
     rate_limit_per_second: float = Field(
         20,
         ge=0,
+        le=1_000_000,
+        allow_inf_nan=False,
         description="Requests per second that each token (or, without a token, each client "
-        "address) may make on average, per API process. 0 turns rate limiting off.",
+        "address) may make on average, per API process: 0, or 0.01 to 1,000,000. "
+        "0 turns rate limiting off.",
     )
     rate_limit_burst: int = Field(
-        100, ge=1, description="Requests a token or client address may make at once after being idle."
+        100,
+        ge=1,
+        le=1_000_000,
+        description="Requests a token or client address may make at once after being idle.",
     )
     run_worker: Literal["auto", "yes", "no"] = Field(
         "auto",
@@ -89,6 +95,14 @@ class Settings(BaseSettings):
     )
     worker_concurrency: int = Field(8, ge=1, le=256, description="Tasks one worker runs at once.")
     log_level: str = Field("INFO", description="Root log level.")
+
+    @field_validator("rate_limit_per_second")
+    @classmethod
+    def _check_rate_limit(cls, value: float) -> float:
+        # Below one request per 100 s a client would be told to retry after days.
+        if 0 < value < 0.01:
+            raise ValueError("must be 0 (off) or at least 0.01 requests per second")
+        return value
 
     @field_validator("database_url", "database_read_url")
     @classmethod

@@ -20,9 +20,13 @@ PUBLIC_PATHS = ["/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"]
 
 class BearerTokenMiddleware(AbstractAuthenticationMiddleware):
     async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AuthenticationResult:
-        header = connection.headers.get("authorization")
-        if header is None:
+        headers = connection.headers.getall("authorization", [])
+        if not headers:
             raise Unauthorized("authentication required: send Authorization: Bearer <token>", token_given=False)
+        # Proxies and caches may keep a different one of several headers than we do.
+        if len(headers) > 1:
+            raise Unauthorized("send exactly one Authorization header", token_given=False)
+        header = headers[0]
         scheme, _, secret = header.partition(" ")
         secret = secret.strip()
         if scheme.lower() != "bearer" or not secret or " " in secret:

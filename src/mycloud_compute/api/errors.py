@@ -8,7 +8,7 @@ from typing import Any
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, SerializationException, ValidationException
 
-from mycloud_compute.api.request_context import request_id_of
+from mycloud_compute.api.request_context import loggable_path, request_id_of
 from mycloud_compute.api.schemas import ErrorBody, ErrorDetail
 from mycloud_compute.persistence.database import is_database_unavailable
 from mycloud_compute.services.errors import ServiceError, Unauthorized
@@ -106,6 +106,8 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
         return handle_unexpected(request, exc)
     error_type = _TYPE_BY_STATUS.get(status, "invalid_request")
     message = _GENERIC_MESSAGES.get(status) or str(exc.detail) or error_type
+    if status == 413:
+        message += f"; the limit is {request.app.state.settings.max_body_bytes} bytes"
     if isinstance(exc.__cause__, SerializationException):
         message = f"the request body is not valid JSON: {exc.detail}"
     headers = None
@@ -157,7 +159,7 @@ def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Respon
         )
     log.exception(
         "unhandled error request_id=%s method=%s path=%s",
-        request_id_of(request.scope), request.method, request.url.path,
+        request_id_of(request.scope), request.method, loggable_path(request.url.path),
     )
     return error_response(request, 500, "internal_error", "internal server error")
 

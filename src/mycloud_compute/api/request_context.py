@@ -29,6 +29,7 @@ ASGIApp = Any
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _BODY_METHODS = {b"POST", b"PUT", b"PATCH"}
 _JSON_TYPES = {"application/json"}
+_JSON_CHARSETS = {"utf-8", "utf8"}
 # A token pasted into a URL path by mistake; replaced before the path is logged.
 _TOKEN_IN_PATH = re.compile(re.escape(TOKEN_PREFIX) + r"[A-Za-z0-9_-]*")
 
@@ -58,6 +59,20 @@ def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
     return None
 
 
+def loggable_path(path: str) -> str:
+    """Return the first 200 characters of a decoded URL path, safe to write to a log.
+
+    A token pasted into the path is redacted. Control and other non-ASCII characters
+    are written as Python escapes (``\\n``, ``\\x00``, ``\\u202e``), so a client
+    cannot start a forged log line or hide text with a percent-encoded line break or
+    direction override.
+    """
+    logged = path[:200]
+    if TOKEN_PREFIX in logged:
+        logged = _TOKEN_IN_PATH.sub(TOKEN_PREFIX + "[redacted]", logged)
+    return logged.encode("unicode_escape").decode("ascii")
+
+
 def _has_body(scope: dict[str, Any]) -> bool:
     length = _header(scope, b"content-length")
     if length is not None:
@@ -70,8 +85,15 @@ def _is_json(content_type: bytes | None) -> bool:
         return False
     # Only the optional whitespace of HTTP: str.strip() would also drop bytes such as
     # 0x85 (NEL in Latin-1), so "application/json<0x85>" passed as JSON.
-    media_type = content_type.decode("latin-1").split(";", 1)[0].strip(" \t").lower()
-    return media_type in _JSON_TYPES
+    media_type, *parameters = content_type.decode("latin-1").split(";")
+    if media_type.strip(" \t").lower() not in _JSON_TYPES:
+        return False
+    # JSON is UTF-8 (RFC 8259), so a body declared in another charset is not JSON.
+    for parameter in parameters:
+        name, _, value = parameter.partition("=")
+        if name.strip(" \t").lower() == "charset":
+            return value.strip(" \t").strip('"').lower() in _JSON_CHARSETS
+    return True
 
 
 def _header_bytes(scope: dict[str, Any]) -> int:
@@ -147,12 +169,9 @@ class RequestContextMiddleware:
             self.metrics.record(scope, status, elapsed)
             # One line per request, so every request id a client quotes can be found.
             if log.isEnabledFor(logging.INFO):
-                logged_path = path[:200]
-                if TOKEN_PREFIX in logged_path:
-                    logged_path = _TOKEN_IN_PATH.sub(TOKEN_PREFIX + "[redacted]", logged_path)
                 log.info(
                     "request method=%s path=%s status=%d duration_ms=%.1f request_id=%s",
-                    scope["method"], logged_path, status, elapsed * 1000, request_id,
+                    scope["method"], loggable_path(path), status, elapsed * 1000, request_id,
                 )
 
     def _is_https(self, scope: dict[str, Any]) -> bool:
@@ -182,7 +201,7 @@ class RequestContextMiddleware:
                 return _Rejection(
                     429,
                     "rate_limited",
-                    f"too many requests; retry after {wait} seconds",
+                    f"too many requests; retry after {wait} second{'' if wait == 1 else 's'}",
                     {"retry_after": wait},
                     [(b"retry-after", str(wait).encode())],
                 )

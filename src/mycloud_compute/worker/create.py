@@ -141,7 +141,8 @@ async def _schedule(ctx: TaskContext) -> bool:
             await ctx.update_instance(conn, {"host_id": host.id})
 
     if no_valid_host is not None:
-        log.error("instance build failed: no valid host details=%r %s", no_valid_host, ctx.log_ids)
+        # WARNING, not ERROR: any customer can cause this by asking for more than is free.
+        log.warning("instance build failed: no valid host details=%r %s", no_valid_host, ctx.log_ids)
         return False
     log.info("instance scheduled host=%s %s", host.name if host else None, ctx.log_ids)
     return True

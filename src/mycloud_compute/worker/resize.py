@@ -196,7 +196,8 @@ async def _prepare(ctx: TaskContext) -> bool:
             await ctx.update_instance(conn, {"new_host_id": host.id})
 
     if no_valid_host is not None:
-        log.error("instance resize failed: no valid host details=%r %s", no_valid_host, ctx.log_ids)
+        # WARNING, not ERROR: any customer can cause this by asking for more than is free.
+        log.warning("instance resize failed: no valid host details=%r %s", no_valid_host, ctx.log_ids)
         return False
     log.info("instance resize scheduled host=%s %s", host.name if host else None, ctx.log_ids)
     return True
