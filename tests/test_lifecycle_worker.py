@@ -471,13 +471,16 @@ async def test_no_valid_host_sets_fault(
     for host in (await cloud.hosts()).values():
         assert_no_usage(host)
 
-    errors = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
+    # A customer can cause this at will, so it is a WARNING, never an ERROR.
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
     assert any(
         f"instance={instance_id}" in message
         and f"organization={cloud.organization_id}" in message
         and "request_id=req-create-" in message
-        for message in errors
-    ), errors
+        for message in warnings
+    ), warnings
+    assert errors == []
 
 
 async def test_spawn_failure_sets_fault_and_releases(db: Database, database_url: str, cloud: Cloud) -> None:

@@ -566,7 +566,10 @@ def send_tokens_everywhere(server: ApiServer, tokens: dict[str, str]) -> dict[st
     return statuses
 
 
-def test_tokens_never_logged(backend: Backend, tmp_path: Path) -> None:
+def test_tokens_never_logged(fresh_backend: Backend, tmp_path: Path) -> None:
+    # A database of its own: the session's API server shares `backend`, and its worker
+    # would otherwise build this test's instance and log the spawn in its own log.
+    backend = fresh_backend
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
     organization = f"leak-{uuid.uuid4().hex[:8]}"
