@@ -144,7 +144,7 @@ async def _create_database(admin_url: str, name: str) -> None:
     """Drop the database if it exists and create it empty.
 
     A dataset loaded on top of an earlier one would double the instances while the
-    command line still says the old size, so every run starts from nothing.
+    command line still gives the old size, so every run starts from an empty database.
     """
     connection = await asyncpg.connect(admin_url)
     try:

@@ -725,8 +725,8 @@ async def failed_actions(connection: asyncpg.Connection) -> list[dict[str, Any]]
     """Actions that failed for a reason other than a delete.
 
     The simulated driver fails only instances named with MYCLOUD_SIMULATED_FAIL_SPAWN's
-    prefix (unset here), and the soak's hosts have room for every claim, so each of
-    these is a fault of the service.
+    prefix, which the soak sets empty, and the soak's hosts have room for every claim,
+    so each of these is a fault of the service.
     """
     rows = await connection.fetch(
         "SELECT id::text, instance_id::text, action, message, started_at::text FROM instance_actions "
@@ -1096,6 +1096,9 @@ async def soak(args: argparse.Namespace) -> int:
         "MYCLOUD_LOG_LEVEL": args.log_level,
         "MYCLOUD_SIMULATED_HOSTS": SIMULATED_HOSTS,
         "MYCLOUD_DRIVER_STEP_DELAY": str(args.step_delay),
+        # No instance is failed on purpose, so every failed action is the service's fault.
+        "MYCLOUD_SIMULATED_FAIL_SPAWN": "",
+        "MYCLOUD_SIMULATED_PAUSE_PREFIX": "",
     }
     print(f"database {database_name}, service at {base_url}, logs in {log_dir}", flush=True)
 

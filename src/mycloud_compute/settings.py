@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body, bytes.")
     max_query_bytes: int = Field(
-        8192, ge=256, le=65536, description="Longest query string (after `?`), bytes; longer is a 414."
+        8192, ge=256, le=65536, description="Maximum query string length (after `?`) in bytes; a longer one is a 414."
     )
     max_header_bytes: int = Field(
         16384,
@@ -99,7 +99,7 @@ class Settings(BaseSettings):
     @field_validator("rate_limit_per_second")
     @classmethod
     def _check_rate_limit(cls, value: float) -> float:
-        # Below one request per 100 s a client would be told to retry after days.
+        # Below one request per 100 s, a limited client would get a Retry-After of days.
         if 0 < value < 0.01:
             raise ValueError("must be 0 (off) or at least 0.01 requests per second")
         return value

@@ -97,8 +97,8 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
         message, details = _validation_message(exc)
         return error_response(request, 400, "invalid_request", message, details)
     if status == 500 and exc.detail == CLIENT_DISCONNECTED:
-        # The client closed the connection before it sent the whole body, so nobody
-        # reads this response. The client caused it, so it is no server error.
+        # The client closed the connection before sending the whole body, so this
+        # response is never read. It is a client error, not a server error.
         log.info("client disconnected before the end of the body request_id=%s",
                  request_id_of(request.scope))
         return error_response(request, 400, "invalid_request", "the request body is incomplete")

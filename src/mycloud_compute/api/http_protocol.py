@@ -1,7 +1,7 @@
 """uvicorn HTTP protocols that reject unparseable requests with the error envelope.
 
 uvicorn's HTTP parsers (httptools and h11) reject some requests before any ASGI
-application sees them: a raw non-ASCII or control byte in the request line, an
+application receives them: a raw non-ASCII or control byte in the request line, an
 overlong request line, a control character in a header, a Content-Length that is not
 a number. uvicorn then writes its own plain-text ``400 Invalid HTTP request
 received.``. These subclasses send the contract's JSON error body instead, with an

@@ -39,7 +39,7 @@ _DRIVER_CONNECTION_ERRORS = (
 
 
 def _driver_connection_lost(exc: BaseException) -> bool:
-    """True when a raw asyncpg error says that the connection is unusable."""
+    """Return True when a raw asyncpg error means that the connection is unusable."""
     if isinstance(exc, _DRIVER_CONNECTION_ERRORS):
         return True
     return isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc)
@@ -56,7 +56,7 @@ def is_database_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, OperationalError):
         return not any(text in str(exc.orig) for text in _SCHEMA_ERRORS)
     # SQLAlchemy wraps some asyncpg errors, such as "the database system is starting
-    # up" while the server restarts, in a plain DBAPIError; the cause tells.
+    # up" while the server restarts, in a plain DBAPIError, so check the cause chain.
     cause: BaseException | None = exc
     for _ in range(5):
         if cause is None:
