@@ -81,3 +81,24 @@ def test_rate_limit_rejects_extremes(monkeypatch: pytest.MonkeyPatch, value: str
 def test_rate_limit_accepts_range(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("MYCLOUD_RATE_LIMIT_PER_SECOND", value)
     assert Settings().rate_limit_per_second == float(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("50", "at least 100"),
+        ("-1", "greater than or equal to 0"),
+        ("20000000", "less than or equal to 10000000"),
+        ("1.5", "valid integer"),
+    ],
+)
+def test_gc_threshold_rejects_out_of_range(monkeypatch: pytest.MonkeyPatch, value: str, message: str) -> None:
+    monkeypatch.setenv("MYCLOUD_GC_GEN0_THRESHOLD", value)
+    with pytest.raises(ValidationError, match=message):
+        Settings()
+
+
+@pytest.mark.parametrize("value", ["0", "100", "50000", "10000000"])
+def test_gc_threshold_accepts_range(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("MYCLOUD_GC_GEN0_THRESHOLD", value)
+    assert Settings().gc_gen0_threshold == int(value)

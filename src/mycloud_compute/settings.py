@@ -63,6 +63,15 @@ class Settings(BaseSettings):
         le=1_000_000,
         description="Requests a token or client address may make at once after being idle.",
     )
+    gc_gen0_threshold: int = Field(
+        50_000,
+        ge=0,
+        le=10_000_000,
+        description="Allocations that start a young-generation garbage collection in an API "
+        "process, 100 to 10,000,000; the process also freezes the objects built at startup "
+        "so that later collections skip them. 0 leaves Python's garbage collector as it is "
+        "(threshold 700, nothing frozen).",
+    )
     run_worker: Literal["auto", "yes", "no"] = Field(
         "auto",
         description="Run the lifecycle worker inside the API process. auto: yes on SQLite, "
@@ -102,6 +111,13 @@ class Settings(BaseSettings):
         # Below one request per 100 s, a limited client would get a Retry-After of days.
         if 0 < value < 0.01:
             raise ValueError("must be 0 (off) or at least 0.01 requests per second")
+        return value
+
+    @field_validator("gc_gen0_threshold")
+    @classmethod
+    def _check_gc_threshold(cls, value: int) -> int:
+        if 0 < value < 100:
+            raise ValueError("must be 0 (leave the garbage collector as it is) or at least 100")
         return value
 
     @field_validator("database_url", "database_read_url")

@@ -20,6 +20,7 @@ from mycloud_compute.api import metrics
 from mycloud_compute.api.auth import BearerTokenMiddleware, scope_guard
 from mycloud_compute.api.deps import DEPENDENCIES
 from mycloud_compute.api.errors import EXCEPTION_HANDLERS
+from mycloud_compute.api.gc_tuning import tune_for_serving
 from mycloud_compute.api.methods import MethodsMiddleware
 from mycloud_compute.api.openapi import finish_document
 from mycloud_compute.api.request_context import RequestContextMiddleware
@@ -101,6 +102,7 @@ def create_litestar(settings: Settings, *, worker_factory: Any | None = None) ->
             worker_task = asyncio.create_task(worker_factory(settings, db), name="embedded-worker")
             worker_task.add_done_callback(_log_worker_exit)
             log.info("embedded lifecycle worker started")
+        tune_for_serving(settings.gc_gen0_threshold)
         try:
             yield
         finally:
