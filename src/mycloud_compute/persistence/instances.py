@@ -423,13 +423,13 @@ class _Parameters:
 def _needs_custom_plan(shape: PageShape) -> bool:
     """Whether the statement must be planned with each request's values.
 
-    A cached statement gets a generic plan after a few runs, and a generic plan
-    assumes an organization of average size. That is right for the shapes that
-    walk one index in list order, whatever the values. For a marker, a name prefix,
-    tags or several statuses it can pick a plan that sorts a large organization's
-    matches, which costs far more than planning each time.
+    A cached statement gets a generic plan after a few runs. Migration 0008 makes
+    generic plans assume an organization of 10,000 instances, and for pages, markers,
+    an exact name, statuses, flavor and image they then walk one index in list order
+    and stop after the page. For a name prefix or tags the best plan depends on how
+    many instances match, so those are planned with each request's values.
     """
-    return shape.marker or shape.name.startswith("prefix") or bool(shape.tags) or shape.statuses == 2
+    return shape.name.startswith("prefix") or bool(shape.tags)
 
 
 @functools.lru_cache(maxsize=512)

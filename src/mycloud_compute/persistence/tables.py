@@ -191,7 +191,7 @@ instances = Table(
     ForeignKeyConstraint(["organization_id"], ["organizations.id"]),
     # One index per filter, each ending in the list order, so every filtered page
     # is an index range scan that stops after `limit` rows.
-    Index("ix_instances_org_created", "organization_id", "created_at", "id"),
+    Index("ix_instances_org_created", "organization_id", "created_at", "id", postgresql_include=["status"]),
     Index("ix_instances_org_status_created", "organization_id", "status", "created_at", "id"),
     Index(
         "ix_instances_org_name_created", "organization_id", "name", "created_at", "id",
