@@ -14,6 +14,13 @@ Two changes make the generic plans walk the list order and stop after the page:
 - ``ix_instances_org_created`` includes the status, so the previous-page lookup,
   which needs only the order and the status, is an index-only scan in list order.
 
+It also adds ``ix_instance_counts_totals``, the counter key with the count
+included, so a list total sums the organization's counters from a few index pages
+by an index-only scan. Through the primary key it read one heap page per counter
+row (88 pages for the 100 counters of the large organization of the benchmark).
+Counter updates are no longer heap-only (HOT) updates, because the count is now
+in an index: each one also writes both index entries.
+
 PostgreSQL only; SQLite plans every statement with its values.
 
 Revision ID: 0008
@@ -44,14 +51,20 @@ def upgrade() -> None:
     op.execute(
         f"ALTER TABLE instances ALTER COLUMN organization_id SET (n_distinct = {ORGANIZATION_SHARE})"
     )
+    op.execute(
+        "CREATE INDEX ix_instance_counts_totals "
+        "ON instance_counts (organization_id, status, flavor_id, image_id) INCLUDE (count)"
+    )
     # The setting takes effect at the next ANALYZE; run it now rather than waiting
     # for autovacuum.
     op.execute("ANALYZE instances")
+    op.execute("ANALYZE instance_counts")
 
 
 def downgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
+    op.execute("DROP INDEX ix_instance_counts_totals")
     op.execute("ALTER TABLE instances ALTER COLUMN organization_id RESET (n_distinct)")
     op.execute("DROP INDEX ix_instances_org_created")
     op.execute("CREATE INDEX ix_instances_org_created ON instances (organization_id, created_at, id)")
