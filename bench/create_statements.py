@@ -7,10 +7,9 @@ Usage:
 
 It drops and re-creates the database named in ``--database-url``, migrates it and
 creates one organization. Then it runs ``services.instances.create_instance`` the
-way the route does (through ``create_once``, with a unique Idempotency-Key and the
-response rendered and stored), first ``--warm-up`` times uncounted, so that the
-default network, the default security group and the per-process caches exist,
-then ``--creates`` times in a row. Each create has the body that
+way the route does: through ``create_once``, with a unique Idempotency-Key, and
+with the response rendered and stored. The first ``--warm-up`` creates are not
+counted, so that the per-process caches are filled. The next ``--creates`` are. Each create has the body that
 ``create_load.py`` sends: ``m1.small``, two tags, one metadata key.
 
 It reports per create:

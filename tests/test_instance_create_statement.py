@@ -4,7 +4,7 @@ The statement must store exactly what the create transaction stores, byte for
 byte in the JSON columns, and must change nothing whenever the transaction would
 reject the request or replay a stored response, so that the transaction then
 decides. The HTTP tests (test_instances_api.py, test_idempotency.py, ...) run the
-whole route on both databases; these tests call the two paths directly and
+whole route on both databases. These tests call the two paths directly and
 compare the rows they leave.
 """
 
@@ -191,7 +191,7 @@ async def assert_same_rows(db: Database, principal: Principal, old: Any, new: An
     assert len(new_rows["instances"]) == 1
     assert comparable(new_rows) == comparable(old_rows)
     assert neutral(render(new).body, new) == neutral(render(old).body, old)
-    # The returned record holds what was stored, as the Row from the transaction does.
+    # The returned record contains what was stored, as the Row from the transaction does.
     stored = new_rows["instances"][0]
     for column, value in stored.items():
         if column in JSON_COLUMNS and value is not None:

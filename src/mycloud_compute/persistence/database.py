@@ -187,7 +187,7 @@ class Database:
         no BEGIN, no COMMIT, no per-statement processing. PostgreSQL only.
         """
         if self.is_sqlite:
-            raise RuntimeError("autocommit_driver_connection needs PostgreSQL")
+            raise RuntimeError("autocommit_driver_connection requires PostgreSQL, not SQLite")
         async with self.writer.connect() as connection:
             raw = (await connection.get_raw_connection()).driver_connection
             async with _invalidated_on_driver_error(connection):

@@ -80,8 +80,8 @@ class IdempotencyKey:
     request_hash: str
 
 
-# What a create function returns and ``render`` reads: the created resource's row,
-# as a SQLAlchemy Row or as a record with the same attributes.
+# The created resource's row that a create function returns and ``render`` reads:
+# a SQLAlchemy Row, or a record with the same attributes.
 Created = Any
 
 
@@ -186,7 +186,10 @@ async def claim(conn: AsyncConnection, idempotency: Idempotency | None) -> None:
 
 
 def purge_due() -> bool:
-    """Count a claim of this process; True at every PURGE_EVERY-th, whose creator purges expired keys."""
+    """Count a claim of this process and return True at every PURGE_EVERY-th one.
+
+    The create that made that claim purges expired keys.
+    """
     return next(_claims) % PURGE_EVERY == 0
 
 

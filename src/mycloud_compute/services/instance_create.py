@@ -6,9 +6,9 @@ which does the same writes in one statement on a connection outside a transactio
 (persistence/instance_create.py), sent on the asyncpg connection directly. That
 statement changes nothing unless every check passes. Whenever it changes nothing,
 or this module cannot build it, the function returns None and the transaction
-runs. So every error, every Idempotency-Key replay and every first-time set-up (an
-organization's default network and security group) comes from the transaction,
-and the one-statement path stores only what the transaction would have stored.
+runs. So every error, every Idempotency-Key replay and every repair (creating a
+missing default network or security group) comes from the transaction, and the
+one-statement path stores only what the transaction would have stored.
 
 The statement needs the flavor's and image's names and sizes up front, because
 the response stored with the Idempotency-Key embeds them. They come from a
