@@ -3,7 +3,8 @@
 Every test that takes ``api`` runs twice, once on a SQLite file and once on a fresh
 PostgreSQL database. PostgreSQL comes from ``MYCLOUD_TEST_POSTGRES_URL`` (default
 ``postgresql://postgres@127.0.0.1:5432/postgres``); each test session creates its
-own database there and drops it at the end. When that server cannot be reached the
+own database there, named with the prefix ``MYCLOUD_TEST_DATABASE_PREFIX`` (default
+``mycloud_test_``), and drops it at the end. When that server cannot be reached the
 PostgreSQL tests are skipped with the reason, except under ``CI=true``, where they
 fail.
 """
@@ -34,6 +35,8 @@ from mycloud_compute.services import identity
 POSTGRES_ADMIN_URL = os.environ.get(
     "MYCLOUD_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
+# Prefix of the databases the tests create, so that runs sharing one server can keep apart.
+DATABASE_PREFIX = os.environ.get("MYCLOUD_TEST_DATABASE_PREFIX", "mycloud_test_")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 SERVER_START_TIMEOUT = 30.0
 
@@ -108,7 +111,7 @@ def new_backend(kind: str, directory: Path) -> Iterator[Backend]:
         return
 
     require_postgres()
-    name = f"mycloud_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    name = f"{DATABASE_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}"
     _admin_execute(f'CREATE DATABASE "{name}"')
     url = _database_url_for(name)
     try:

@@ -17,11 +17,15 @@ import msgspec
 from litestar import MediaType, Request, Response
 from litestar.openapi.spec import Operation, Parameter, Schema
 from litestar.openapi.spec.enums import OpenAPIType
-from sqlalchemy.engine import Row
 
 from mycloud_compute.persistence.database import Database
 from mycloud_compute.services import idempotency as service
-from mycloud_compute.services.idempotency import Idempotency, IdempotencyKey, StoredResponse
+from mycloud_compute.services.idempotency import (
+    Created,
+    Idempotency,
+    IdempotencyKey,
+    StoredResponse,
+)
 from mycloud_compute.services.identity import Principal
 
 IDEMPOTENCY_PARAMETER = Parameter(
@@ -76,8 +80,8 @@ def json_response(content: Any, status_code: int, location: str | None = None) -
 async def create_once(
     request: Request[Principal, Any, Any],
     db: Database,
-    create: Callable[[Idempotency | None], Awaitable[Row[Any]]],
-    render: Callable[[Row[Any]], StoredResponse],
+    create: Callable[[Idempotency | None], Awaitable[Created]],
+    render: Callable[[Created], StoredResponse],
 ) -> Response[Any]:
     """Run a create, or return the stored first response of its Idempotency-Key."""
     stored = await service.create_once(db, await idempotency_key(request), create, render)

@@ -179,6 +179,20 @@ class Database:
             async with _invalidated_on_driver_error(connection):
                 yield autocommit
 
+    @asynccontextmanager
+    async def autocommit_driver_connection(self) -> AsyncIterator[Any]:
+        """Yield a writer connection's asyncpg connection, outside any transaction.
+
+        Each statement sent on it commits on its own, and SQLAlchemy sends nothing:
+        no BEGIN, no COMMIT, no per-statement processing. PostgreSQL only.
+        """
+        if self.is_sqlite:
+            raise RuntimeError("autocommit_driver_connection requires PostgreSQL, not SQLite")
+        async with self.writer.connect() as connection:
+            raw = (await connection.get_raw_connection()).driver_connection
+            async with _invalidated_on_driver_error(connection):
+                yield raw
+
     async def ping(self) -> None:
         """Check that the database is reachable and has been migrated (``db upgrade``)."""
         async with self.reader.connect() as connection:

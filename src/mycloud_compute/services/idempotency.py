@@ -80,6 +80,11 @@ class IdempotencyKey:
     request_hash: str
 
 
+# The created resource's row that a create function returns and ``render`` reads:
+# a SQLAlchemy Row, or a record with the same attributes.
+Created = Any
+
+
 @dataclass
 class Idempotency:
     """The key of an idempotent create, with the function that renders its response.
@@ -89,7 +94,7 @@ class Idempotency:
     """
 
     key: IdempotencyKey
-    render: Callable[[Row[Any]], StoredResponse]
+    render: Callable[[Created], StoredResponse]
     response: StoredResponse | None = field(default=None)
 
 
@@ -176,11 +181,19 @@ async def claim(conn: AsyncConnection, idempotency: Idempotency | None) -> None:
     )
     if not claimed:
         raise KeyTaken(f"{HEADER} {key.key!r} is stored already")
-    if next(_claims) % PURGE_EVERY == 0:
+    if purge_due():
         await store.purge_expired(conn, key.organization_id, expired_before=now - KEY_LIFETIME)
 
 
-async def record(conn: AsyncConnection, idempotency: Idempotency | None, row: Row[Any]) -> None:
+def purge_due() -> bool:
+    """Count a claim of this process and return True at every PURGE_EVERY-th one.
+
+    The create that made that claim purges expired keys.
+    """
+    return next(_claims) % PURGE_EVERY == 0
+
+
+async def record(conn: AsyncConnection, idempotency: Idempotency | None, row: Created) -> None:
     """Store the response for the created ``row`` in the creating transaction (nothing without a key)."""
     if idempotency is None:
         return
@@ -201,8 +214,8 @@ async def record(conn: AsyncConnection, idempotency: Idempotency | None, row: Ro
 async def create_once(
     db: Database,
     key: IdempotencyKey | None,
-    create: Callable[[Idempotency | None], Awaitable[Row[Any]]],
-    render: Callable[[Row[Any]], StoredResponse],
+    create: Callable[[Idempotency | None], Awaitable[Created]],
+    render: Callable[[Created], StoredResponse],
 ) -> StoredResponse:
     """Run ``create`` unless ``key`` already has a stored response, and return the response."""
     if key is None:

@@ -19,14 +19,14 @@ from mycloud_compute.persistence.database import Database
 from mycloud_compute.persistence.instances import InstanceFilters
 from mycloud_compute.persistence.tables import flavors, images, instance_actions, tasks
 from mycloud_compute.services import idempotency as idempotency_service
+from mycloud_compute.services import instance_create, networks
 from mycloud_compute.services import keypairs as keypair_service
-from mycloud_compute.services import networks
 from mycloud_compute.services import security_groups as security_group_service
 from mycloud_compute.services import volumes as volume_service
 from mycloud_compute.services.errors import InvalidParameter, NotFound
 from mycloud_compute.services.idempotency import Idempotency
 from mycloud_compute.services.identity import Principal
-from mycloud_compute.services.lifecycle import PowerState, Status, TaskState, VmState, derive_status
+from mycloud_compute.services.lifecycle import Status, TaskState, derive_status
 from mycloud_compute.services.listing import ListQuery, QueryFilter, parse_uuid
 from mycloud_compute.services.text import CONTROL_CLASS, WHITESPACE_CLASS, reject_control_characters
 
@@ -298,6 +298,7 @@ async def _resolve_catalog(
             f"flavor {flavor.name} has {flavor.ram} MiB of RAM, but image {image.name!r} "
             f"needs at least {image.min_ram} MiB",
         )
+    instance_create.remember_catalog(flavor, image)
     return flavor, image
 
 
@@ -370,9 +371,32 @@ async def create_instance(
     *,
     request_id: str | None,
     idempotency: Idempotency | None = None,
-) -> Row[Any]:
-    """Store a new instance in BUILD with its volumes reserved, and queue its create task."""
+) -> Row[Any] | instance_create.CreatedInstance:
+    """Store a new instance in BUILD with its volumes reserved, and queue its create task.
+
+    On PostgreSQL a create is first tried as one statement (services/instance_create.py);
+    the transaction below runs when that changes nothing.
+    """
     _check_create(request)
+    if not db.is_sqlite:
+        created = await instance_create.create_in_one_statement(
+            db, principal, request, request_id=request_id, idempotency=idempotency
+        )
+        if created is not None:
+            return created
+    return await _create_in_transaction(
+        db, principal, request, request_id=request_id, idempotency=idempotency
+    )
+
+
+async def _create_in_transaction(
+    db: Database,
+    principal: Principal,
+    request: CreateRequest,
+    *,
+    request_id: str | None,
+    idempotency: Idempotency | None,
+) -> Row[Any]:
     organization_id = principal.organization_id
     instance_id = uuid.uuid4()
     now = utcnow()
@@ -390,39 +414,24 @@ async def create_instance(
 
         row = await store.insert_instance(
             conn,
-            {
-                "organization_id": organization_id,
-                "id": instance_id,
-                "name": request.name,
-                "description": request.description,
-                "status": derive_status(VmState.BUILDING, TaskState.SCHEDULING),
-                "vm_state": VmState.BUILDING,
-                "task_state": TaskState.SCHEDULING,
-                "power_state": PowerState.NOSTATE,
-                "flavor_id": flavor.id,
-                "flavor": {
+            instance_create.instance_values(
+                organization_id,
+                instance_id,
+                request,
+                flavor={
                     "id": str(flavor.id),
                     "name": flavor.name,
                     "vcpus": flavor.vcpus,
                     "ram": flavor.ram,
                     "disk": flavor.disk,
                 },
-                "image_id": image.id,
-                "image": {"id": str(image.id), "name": image.name},
-                "host_id": None,
-                "network_ids": [str(network_id) for network_id in network_ids],
-                "addresses": {},
-                "security_groups": [{"name": group.name} for group in groups],
-                "volumes_attached": volume_service.attachments_document(attachments),
-                "key_names": key_names,
-                "metadata": request.metadata,
-                "tags": request.tags,
-                "fault": None,
-                "created_at": now,
-                "updated_at": now,
-                "launched_at": None,
-                "terminated_at": None,
-            },
+                image={"id": str(image.id), "name": image.name},
+                network_ids=[str(network_id) for network_id in network_ids],
+                security_group_names=[group.name for group in groups],
+                key_names=key_names,
+                volumes_attached=volume_service.attachments_document(attachments),
+                now=now,
+            ),
         )
         await security_group_store.attach_to_instance(
             conn, organization_id, instance_id, [group.id for group in groups]
