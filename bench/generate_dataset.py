@@ -132,6 +132,7 @@ def instance_record(
 
 
 COUNT_KEY = "organization_id, status, flavor_id, image_id"
+TAG_COUNT_KEY = "organization_id, tag, status"
 INSTANCE_COLUMNS = [
     "organization_id", "id", "name", "description", "status", "vm_state", "task_state",
     "power_state", "flavor_id", "flavor", "image_id", "image", "host_id", "network_ids",
@@ -206,7 +207,7 @@ async def load(args: argparse.Namespace) -> None:
     await connection.set_type_codec(
         "json", encoder=str.encode, decoder=bytes.decode, schema="pg_catalog", format="binary"
     )
-    # Row triggers (the instance counters) are off while loading. The counters are
+    # Row triggers (the instance and tag counters) are off while loading. The counters are
     # rebuilt from the rows at the end, because that is much faster than a trigger per row.
     await connection.execute("SET session_replication_role = replica")
     start_time = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=365)
@@ -228,12 +229,16 @@ async def load(args: argparse.Namespace) -> None:
     await connection.execute(
         "DELETE FROM instance_counts; "
         f"INSERT INTO instance_counts ({COUNT_KEY}, count) "
-        f"SELECT {COUNT_KEY}, count(*) FROM instances GROUP BY {COUNT_KEY}"
+        f"SELECT {COUNT_KEY}, count(*) FROM instances GROUP BY {COUNT_KEY}; "
+        "DELETE FROM instance_tag_counts; "
+        f"INSERT INTO instance_tag_counts ({TAG_COUNT_KEY}, count) "
+        f"SELECT {TAG_COUNT_KEY}, count(*) FROM instance_tags GROUP BY {TAG_COUNT_KEY}"
     )
     print(f"counters rebuilt, {time.monotonic() - started:.0f} s")
     await connection.execute("VACUUM (ANALYZE) instances")
     await connection.execute("VACUUM (ANALYZE) instance_tags")
     await connection.execute("VACUUM (ANALYZE) instance_counts")
+    await connection.execute("VACUUM (ANALYZE) instance_tag_counts")
     await connection.close()
     print(f"done: {loaded} instances in {time.monotonic() - started:.0f} s; tokens in {args.tokens_file}")
 

@@ -13,7 +13,12 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mycloud_compute.persistence.clock import utcnow
-from mycloud_compute.persistence.tables import instance_counts, instance_tags, instances
+from mycloud_compute.persistence.tables import (
+    instance_counts,
+    instance_tag_counts,
+    instance_tags,
+    instances,
+)
 
 # Columns returned for the API representation of an instance, in the public order.
 INSTANCE_COLUMNS = (
@@ -185,33 +190,52 @@ async def position_before(
     return False, ids[-1]
 
 
+def _status_clause(
+    column: ColumnElement[str], statuses: tuple[str, ...] | None
+) -> ColumnElement[bool]:
+    """Return the condition of the status filter: without one, every status but DELETED."""
+    if statuses is None:
+        return column != "DELETED"
+    return column.in_(statuses)
+
+
 async def count(conn: AsyncConnection, organization_id: uuid.UUID, filters: InstanceFilters) -> int:
     """Count the instances that match ``filters``.
 
     Without a name or tags filter the count is a sum over the organization's rows
-    of ``instance_counts``, which triggers keep exact; otherwise an index scan.
+    of ``instance_counts``, and for one tag without name, flavor or image filters a
+    sum over its rows of ``instance_tag_counts``. Triggers keep both exact. Other
+    filters count index entries.
     """
     if filters.name is None and not filters.tags:
         counts = instance_counts.c
-        clauses = [counts.organization_id == organization_id]
-        if filters.statuses is None:
-            clauses.append(counts.status != "DELETED")
-        else:
-            clauses.append(counts.status.in_(filters.statuses))
+        clauses = [
+            counts.organization_id == organization_id,
+            _status_clause(counts.status, filters.statuses),
+        ]
         if filters.flavor_id is not None:
             clauses.append(counts.flavor_id == filters.flavor_id)
         if filters.image_id is not None:
             clauses.append(counts.image_id == filters.image_id)
         summed = select(func.coalesce(func.sum(counts.count), 0)).where(*clauses)
         return int((await conn.execute(summed)).scalar_one())
-    if filters.tags and filters.name is None and filters.flavor_id is None and filters.image_id is None:
+    only_tags = filters.name is None and filters.flavor_id is None and filters.image_id is None
+    if only_tags and filters.tags and len(filters.tags) == 1:
+        tag_counts = instance_tag_counts.c
+        summed = select(func.coalesce(func.sum(tag_counts.count), 0)).where(
+            tag_counts.organization_id == organization_id,
+            tag_counts.tag == filters.tags[0],
+            _status_clause(tag_counts.status, filters.statuses),
+        )
+        return int((await conn.execute(summed)).scalar_one())
+    if only_tags and filters.tags:
         # The tag rows carry their instance's status (kept by triggers).
         tagged = instance_tags.c
-        tag_clauses = [tagged.organization_id == organization_id, tagged.tag.in_(filters.tags)]
-        if filters.statuses is None:
-            tag_clauses.append(tagged.status != "DELETED")
-        else:
-            tag_clauses.append(tagged.status.in_(filters.statuses))
+        tag_clauses = [
+            tagged.organization_id == organization_id,
+            tagged.tag.in_(filters.tags),
+            _status_clause(tagged.status, filters.statuses),
+        ]
         matched = (
             select(tagged.instance_id)
             .where(*tag_clauses)
@@ -485,7 +509,13 @@ def page_statement(shape: PageShape) -> str:
     def condition(table: str) -> str:
         return " AND ".join(clause.format(t=table) for clause in where)
 
-    if shape.tags and not (shape.name or shape.flavor or shape.image):
+    if shape.tags == 1 and not (shape.name or shape.flavor or shape.image):
+        # The tag's counter rows, at most one per status (kept by triggers).
+        total = (
+            "(SELECT coalesce(sum(t.count), 0) FROM instance_tag_counts t "
+            f"WHERE t.organization_id = $1 AND t.tag = {tags[0]} AND {status.format(t='t')})::bigint"
+        )
+    elif shape.tags and not (shape.name or shape.flavor or shape.image):
         # The tag rows carry the instance's status: index-only scans of the tag
         # index, joined on the instance id for each further tag; no instance rows.
         others = "".join(

@@ -418,7 +418,7 @@ idempotency_keys = Table(
 )
 
 
-# --- list totals (migration 0006) ------------------------------------------------------
+# --- list totals (migrations 0006 and 0007) ------------------------------------------
 
 # How many instances each organization has per (status, flavor_id, image_id), kept
 # exact by database triggers on ``instances``. The list's ``meta.total`` sums a few
@@ -432,4 +432,17 @@ instance_counts = Table(
     Column("image_id", Uuid, nullable=False),
     Column("count", BigInteger, nullable=False),
     PrimaryKeyConstraint("organization_id", "status", "flavor_id", "image_id"),
+)
+
+# How many instances each organization has per (tag, status), kept exact by database
+# triggers on ``instance_tags`` (migration 0007). The list's ``meta.total`` for one
+# tag, with or without a status filter, sums a few of these rows.
+instance_tag_counts = Table(
+    "instance_tag_counts",
+    metadata,
+    Column("organization_id", Uuid, nullable=False),
+    Column("tag", Name(60), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("count", BigInteger, nullable=False),
+    PrimaryKeyConstraint("organization_id", "tag", "status"),
 )
