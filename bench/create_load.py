@@ -208,10 +208,11 @@ def stop_service(process: subprocess.Popen[bytes]) -> None:
     process.wait(30)
 
 
-def service_environment(database_url: str) -> dict[str, str]:
+def service_environment(database_url: str, pool_size: int) -> dict[str, str]:
     """Return the settings of the benchmarked processes: no embedded worker, no per-token rate limit."""
     return {"MYCLOUD_DATABASE_URL": database_url, "MYCLOUD_LOG_LEVEL": "WARNING",
-            "MYCLOUD_RUN_WORKER": "no", "MYCLOUD_RATE_LIMIT_PER_SECOND": "0"}
+            "MYCLOUD_RUN_WORKER": "no", "MYCLOUD_RATE_LIMIT_PER_SECOND": "0",
+            "MYCLOUD_DATABASE_POOL_SIZE": str(pool_size)}
 
 
 def serve_command(port: int, workers: int) -> list[str]:
@@ -315,7 +316,9 @@ def main() -> None:
 
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    env = service_environment(args.database_url)
+    # As in list_load.py: a pool as large as the requests one process serves at once,
+    # so that no request opens an overflow connection to PostgreSQL.
+    env = service_environment(args.database_url, max(max(connection_counts) // args.workers + 2, 10))
     results: list[Result] = []
     server = start_service(serve_command(port, args.workers), env, f"{base_url}/healthz")
     try:
