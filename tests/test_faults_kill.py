@@ -11,7 +11,8 @@ delete, stop, start, both reboots, resize's RESIZE_MIGRATING and RESIZE_FINISH,
 revert-resize) are held with ``MYCLOUD_SIMULATED_PAUSE_PREFIX``: the instance is
 renamed so that the simulated driver pauses in that operation. Steps without one
 (create's SCHEDULING, resize's RESIZE_PREP, confirm-resize) run in one transaction
-each. On PostgreSQL the test holds every host row locked, so that the worker blocks
+each; SCHEDULING's host claim shares its transaction with the start of
+BLOCK_DEVICE_MAPPING. On PostgreSQL the test holds every host row locked, so that the worker blocks
 inside that transaction on its host claim or release, and kills it there. On SQLite
 a killed transaction is rolled back by SQLite itself and cannot be held open from
 outside, so those three steps run on PostgreSQL only.

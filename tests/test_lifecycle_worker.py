@@ -31,7 +31,7 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select, text, update
 from sqlalchemy.engine import Row
 
 from mycloud_compute.drivers.base import InstanceSpec
@@ -858,6 +858,87 @@ async def test_allocate_port_until_full(db: Database, cloud: Cloud) -> None:
         "delete instances on it or use a larger network"
     )
     assert [row.address_value for row in await cloud.ports(instance_id)] == [2, 3, 4, 5, 6]
+
+
+async def _port_network(db: Database, network_id: uuid.UUID) -> Row[Any]:
+    async with db.snapshot() as conn:
+        return (await conn.execute(select(networks).where(networks.c.id == network_id))).one()
+
+
+async def test_allocate_port_takes_lowest_gap(db: Database, cloud: Cloud) -> None:
+    network_id = await cloud.add_network("gaps", "10.8.0.0/28")
+    network = await _port_network(db, network_id)
+    other_instance, instance_id = uuid.uuid4(), uuid.uuid4()
+    used = {3, 4, 6, 9, 10, 11}
+    async with db.transaction() as conn:
+        for offset in sorted(used):
+            await conn.execute(
+                insert(ports).values(
+                    organization_id=cloud.organization_id, id=uuid.uuid4(), network_id=network_id,
+                    instance_id=other_instance, address=f"10.8.0.{offset}", address_value=offset,
+                    mac_address=f"fa:16:3e:00:00:{offset:02x}", created_at=utcnow(),
+                )
+            )
+        allocated = [
+            await addressing.allocate_port(conn, cloud.organization_id, instance_id, network) for _ in range(5)
+        ]
+
+    assert [port.address for port in allocated] == ["10.8.0.2", "10.8.0.5", "10.8.0.7", "10.8.0.8", "10.8.0.12"]
+    expected = []
+    for _ in range(5):
+        offset = addressing.lowest_free_offset(addressing.parse_cidr("10.8.0.0/28"), used)
+        assert offset is not None
+        expected.append(offset)
+        used.add(offset)
+    assert [row.address_value for row in await cloud.ports(instance_id)] == expected
+
+
+@pytest.mark.parametrize(
+    ("cidr", "address"),
+    [
+        ("fd00::/120", "fd00::2"),
+        # PostgreSQL prints addresses whose first 96 bits are zero as ::0.1.0.2.
+        ("::1:0/120", "::1:2"),
+    ],
+)
+async def test_allocate_port_ipv6_text(db: Database, cloud: Cloud, cidr: str, address: str) -> None:
+    network = await _port_network(db, await cloud.add_network("v6", cidr))
+    instance_id = uuid.uuid4()
+    async with db.transaction() as conn:
+        port = await addressing.allocate_port(conn, cloud.organization_id, instance_id, network)
+
+    assert (port.address, port.version) == (address, 6)
+    assert [row.address for row in await cloud.ports(instance_id)] == [address]
+
+
+async def test_concurrent_allocations_get_different_addresses(db: Database, cloud: Cloud) -> None:
+    """A second transaction that picks the address of an uncommitted port waits for it, then takes the next."""
+    if db.is_sqlite:
+        pytest.skip("SQLite runs one write transaction at a time")
+    network = await _port_network(db, await cloud.add_network("shared", "10.9.0.0/29"))
+    first_instance, second_instance = uuid.uuid4(), uuid.uuid4()
+    async with db.transaction() as conn:
+        first = await addressing.allocate_port(conn, cloud.organization_id, first_instance, network)
+
+        async def allocate_second() -> addressing.AllocatedPort:
+            async with db.transaction() as other:
+                return await addressing.allocate_port(other, cloud.organization_id, second_instance, network)
+
+        second_task = asyncio.create_task(allocate_second())
+
+        async def second_waits_for_lock() -> bool:
+            async with db.snapshot() as probe:
+                waiting = await probe.execute(
+                    text("SELECT count(*) FROM pg_stat_activity "
+                         "WHERE datname = current_database() AND wait_event_type = 'Lock'")
+                )
+                return bool(waiting.scalar_one() == 1)
+
+        # The second INSERT waits on the unique key until this transaction ends.
+        await wait_until(second_waits_for_lock, "the second allocation waits for the first")
+    second = await second_task
+
+    assert (first.address, second.address) == ("10.9.0.2", "10.9.0.3")
 
 
 # --- hosts and the scheduler --------------------------------------------------------

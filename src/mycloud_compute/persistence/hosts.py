@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import delete, func, insert, select, tuple_, update
+from sqlalchemy import Integer, bindparam, delete, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -197,6 +197,56 @@ async def claim(conn: AsyncConnection, host_id: uuid.UUID, *, vcpus: int, ram: i
     return result.rowcount == 1
 
 
+# The request's size as bind parameters, so that the hot statements below are built once.
+_VCPUS = bindparam("request_vcpus", type_=Integer)
+_RAM = bindparam("request_ram", type_=Integer)
+_DISK = bindparam("request_disk", type_=Integer)
+_FITS = (
+    hosts.c.status == ENABLED,
+    hosts.c.vcpus_used + _VCPUS <= hosts.c.vcpus,
+    hosts.c.ram_used + _RAM <= hosts.c.ram,
+    hosts.c.disk_used + _DISK <= hosts.c.disk,
+)
+_CLAIM_BEST_UNLOCKED = (
+    update(hosts)
+    .where(
+        hosts.c.id
+        == select(hosts.c.id)
+        .where(*_FITS)
+        .order_by((hosts.c.ram - hosts.c.ram_used).desc(), hosts.c.name)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery(),
+        *_FITS,
+    )
+    .values(
+        vcpus_used=hosts.c.vcpus_used + _VCPUS,
+        ram_used=hosts.c.ram_used + _RAM,
+        disk_used=hosts.c.disk_used + _DISK,
+        instance_count=hosts.c.instance_count + 1,
+        updated_at=bindparam("now"),
+    )
+    .returning(*hosts.c)
+)
+_RELEASE = (
+    update(hosts)
+    .where(
+        hosts.c.id == bindparam("match_host_id"),
+        hosts.c.vcpus_used >= _VCPUS,
+        hosts.c.ram_used >= _RAM,
+        hosts.c.disk_used >= _DISK,
+        hosts.c.instance_count >= 1,
+    )
+    .values(
+        vcpus_used=hosts.c.vcpus_used - _VCPUS,
+        ram_used=hosts.c.ram_used - _RAM,
+        disk_used=hosts.c.disk_used - _DISK,
+        instance_count=hosts.c.instance_count - 1,
+        updated_at=bindparam("now"),
+    )
+)
+
+
 async def claim_best_unlocked(conn: AsyncConnection, *, vcpus: int, ram: int, disk: int) -> Host | None:
     """Claim the resources on the host with the most free RAM that fits, in one statement.
 
@@ -207,28 +257,8 @@ async def claim_best_unlocked(conn: AsyncConnection, *, vcpus: int, ram: int, di
     locked, or when none fits; the caller then falls back to :func:`claim`, which
     waits for locks.
     """
-    fits = (
-        hosts.c.status == ENABLED,
-        hosts.c.vcpus_used + vcpus <= hosts.c.vcpus,
-        hosts.c.ram_used + ram <= hosts.c.ram,
-        hosts.c.disk_used + disk <= hosts.c.disk,
-    )
-    best = (
-        select(hosts.c.id)
-        .where(*fits)
-        .order_by((hosts.c.ram - hosts.c.ram_used).desc(), hosts.c.name)
-        .limit(1)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
-    row = (
-        await conn.execute(
-            update(hosts)
-            .where(hosts.c.id == best, *fits)
-            .values(**_claim_values(vcpus=vcpus, ram=ram, disk=disk))
-            .returning(*hosts.c)
-        )
-    ).first()
+    parameters = {"request_vcpus": vcpus, "request_ram": ram, "request_disk": disk, "now": utcnow()}
+    row = (await conn.execute(_CLAIM_BEST_UNLOCKED, parameters)).first()
     return _to_host(row) if row is not None else None
 
 
@@ -239,23 +269,10 @@ async def release(conn: AsyncConnection, host_id: uuid.UUID, *, vcpus: int, ram:
     returns exactly to what it was. Raises HostAccountingError instead of storing a
     negative usage, and when the host does not exist.
     """
-    result = await conn.execute(
-        update(hosts)
-        .where(
-            hosts.c.id == host_id,
-            hosts.c.vcpus_used >= vcpus,
-            hosts.c.ram_used >= ram,
-            hosts.c.disk_used >= disk,
-            hosts.c.instance_count >= 1,
-        )
-        .values(
-            vcpus_used=hosts.c.vcpus_used - vcpus,
-            ram_used=hosts.c.ram_used - ram,
-            disk_used=hosts.c.disk_used - disk,
-            instance_count=hosts.c.instance_count - 1,
-            updated_at=utcnow(),
-        )
-    )
+    parameters = {
+        "match_host_id": host_id, "request_vcpus": vcpus, "request_ram": ram, "request_disk": disk, "now": utcnow(),
+    }
+    result = await conn.execute(_RELEASE, parameters)
     if result.rowcount != 1:
         raise HostAccountingError(
             f"cannot release vcpus={vcpus} ram={ram} disk={disk} from host {host_id}: "

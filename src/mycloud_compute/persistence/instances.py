@@ -8,7 +8,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, delete, func, insert, select, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -287,13 +298,23 @@ async def insert_instance(conn: AsyncConnection, values: dict[str, Any]) -> Row[
 _INSERT_INSTANCE = insert(instances).returning(*instances.c)
 
 
+# Built once: SQLAlchemy derives the SET clause from the keys of the parameters
+# each execution passes, and caches the compiled form of each set of keys.
+_UPDATE_INSTANCE = update(instances).where(
+    instances.c.organization_id == bindparam("match_organization_id"),
+    instances.c.id == bindparam("match_id"),
+)
+
+
 async def update_instance(
     conn: AsyncConnection, organization_id: uuid.UUID, instance_id: uuid.UUID, values: dict[str, Any]
 ) -> None:
+    """Store plain values (no SQL expressions) in the instance's columns.
+
+    A ``tags`` value also replaces the instance's rows in ``instance_tags``.
+    """
     await conn.execute(
-        update(instances)
-        .where(instances.c.organization_id == organization_id, instances.c.id == instance_id)
-        .values(**values)
+        _UPDATE_INSTANCE, {**values, "match_organization_id": organization_id, "match_id": instance_id}
     )
     if "tags" in values:
         await replace_tags(conn, organization_id, instance_id, values["tags"])

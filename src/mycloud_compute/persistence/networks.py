@@ -5,7 +5,21 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    String,
+    bindparam,
+    cast,
+    delete,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql import INET
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -102,13 +116,130 @@ async def network_ids_of_instances(
     return [(row.id, row.network_ids) for row in (await conn.execute(query)).all()]
 
 
-async def used_address_values(
-    conn: AsyncConnection, organization_id: uuid.UUID, network_id: uuid.UUID
-) -> set[int]:
-    query = select(ports.c.address_value).where(
-        ports.c.organization_id == organization_id, ports.c.network_id == network_id
+def lowest_free_address_value(
+    organization_id: uuid.UUID | ColumnElement[Any],
+    network_id: uuid.UUID | ColumnElement[Any],
+    first_allocatable: int | ColumnElement[int],
+) -> ColumnElement[int]:
+    """Return an SQL expression for the lowest address offset from ``first_allocatable`` up that no port uses.
+
+    When the table contains the ports of many networks, PostgreSQL 15 plans it as
+    an ordered scan of the (organization_id, network_id, address_value) index that
+    stops at the first gap. It then reads only the ports below that gap, as EXPLAIN
+    ANALYZE of a generic plan shows. The result may lie past the network's last
+    address, and the caller checks that.
+    """
+    first = (
+        first_allocatable
+        if isinstance(first_allocatable, ColumnElement)
+        else literal(first_allocatable, BigInteger)
     )
-    return set((await conn.execute(query)).scalars().all())
+    in_network = (
+        ports.c.organization_id == organization_id,
+        ports.c.network_id == network_id,
+        ports.c.address_value >= first,
+    )
+    # lag() defaults to the offset just below the first allocatable one, so that a
+    # free first offset shows up as a gap before the lowest used one.
+    below_first = first - 1
+    used = (
+        select(
+            ports.c.address_value.label("value"),
+            func.lag(ports.c.address_value, 1, below_first).over(order_by=ports.c.address_value).label("previous"),
+        )
+        .where(*in_network)
+        .subquery("used")
+    )
+    first_gap = (
+        select(used.c.previous + 1)
+        .where(used.c.value > used.c.previous + 1)
+        .order_by(used.c.value)
+        .limit(1)
+        .scalar_subquery()
+    )
+    after_highest = (
+        select(func.coalesce(func.max(ports.c.address_value), below_first) + 1).where(*in_network).scalar_subquery()
+    )
+    return func.coalesce(first_gap, after_highest)
+
+
+async def find_lowest_free_address_value(
+    conn: AsyncConnection, organization_id: uuid.UUID, network_id: uuid.UUID, first_allocatable: int
+) -> int:
+    query = select(lowest_free_address_value(organization_id, network_id, first_allocatable))
+    return int((await conn.execute(query)).scalar_one())
+
+
+_PORT_VALUE_COLUMNS = ("organization_id", "id", "network_id", "instance_id", "mac_address", "created_at")
+
+
+def _build_insert_at_lowest_free() -> Any:
+    lowest = lowest_free_address_value(
+        bindparam("port_organization_id", type_=ports.c.organization_id.type),
+        bindparam("port_network_id", type_=ports.c.network_id.type),
+        bindparam("first_allocatable", type_=BigInteger),
+    )
+    free = select(lowest.label("value")).subquery("free")
+    network_address = cast(bindparam("network_address", type_=String), INET)
+    rows = select(
+        *(bindparam(f"port_{name}", type_=ports.c[name].type) for name in _PORT_VALUE_COLUMNS),
+        func.host(network_address.op("+", return_type=INET)(free.c.value)),
+        free.c.value,
+    ).where(free.c.value <= bindparam("last_allocatable", type_=BigInteger))
+    return (
+        postgresql.insert(ports)
+        .from_select([*_PORT_VALUE_COLUMNS, "address", "address_value"], rows)
+        .on_conflict_do_nothing()
+        .returning(ports.c.address_value, ports.c.address)
+    )
+
+
+# Built once, because building it costs more CPU than running it.
+_INSERT_AT_LOWEST_FREE = _build_insert_at_lowest_free()
+
+
+async def insert_port_at_lowest_free(
+    conn: AsyncConnection,
+    values: dict[str, Any],
+    *,
+    network_address: str,
+    first_allocatable: int,
+    last_allocatable: int,
+) -> Row[Any] | None:
+    """Insert a port at the lowest free address offset of its network in one statement (PostgreSQL).
+
+    ``values`` contains every column but ``address`` and ``address_value``. The address
+    text is ``host(network_address + offset)``, which the caller must compare with
+    its own formatting. Returns the (address_value, address) row, or None when the
+    insert did nothing: either the lowest free offset lies past ``last_allocatable``
+    (the network is full), or a concurrent allocation took the address, or the MAC
+    address is taken.
+    """
+    parameters = {f"port_{name}": values[name] for name in _PORT_VALUE_COLUMNS}
+    parameters.update(
+        network_address=network_address, first_allocatable=first_allocatable, last_allocatable=last_allocatable
+    )
+    return (await conn.execute(_INSERT_AT_LOWEST_FREE, parameters)).first()
+
+
+async def insert_port_if_free(conn: AsyncConnection, values: dict[str, Any]) -> bool:
+    """Insert a port unless its address or MAC address is taken; return whether it was inserted."""
+    statement = _insert_ignoring_conflicts(conn).values(**values)
+    return bool((await conn.execute(statement)).rowcount == 1)
+
+
+def _insert_ignoring_conflicts(conn: AsyncConnection) -> Any:
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(ports).on_conflict_do_nothing()
+    return sqlite.insert(ports).on_conflict_do_nothing()
+
+
+async def set_port_address(
+    conn: AsyncConnection, organization_id: uuid.UUID, port_id: uuid.UUID, address: str
+) -> None:
+    await conn.execute(
+        update(ports).where(ports.c.organization_id == organization_id, ports.c.id == port_id).values(address=address)
+    )
 
 
 async def instance_ports(
@@ -126,9 +257,15 @@ async def insert_port(conn: AsyncConnection, values: dict[str, Any]) -> None:
     await conn.execute(insert(ports).values(**values))
 
 
+_DELETE_INSTANCE_PORTS = delete(ports).where(
+    ports.c.organization_id == bindparam("match_organization_id"),
+    ports.c.instance_id == bindparam("match_instance_id"),
+)
+
+
 async def delete_instance_ports(
     conn: AsyncConnection, organization_id: uuid.UUID, instance_id: uuid.UUID
 ) -> None:
     await conn.execute(
-        delete(ports).where(ports.c.organization_id == organization_id, ports.c.instance_id == instance_id)
+        _DELETE_INSTANCE_PORTS, {"match_organization_id": organization_id, "match_instance_id": instance_id}
     )

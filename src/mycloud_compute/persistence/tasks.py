@@ -14,18 +14,31 @@ older PENDING or RUNNING task of the same instance exists.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, exists, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    Select,
+    Update,
+    and_,
+    bindparam,
+    exists,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mycloud_compute.persistence.clock import utcnow
-from mycloud_compute.persistence.tables import instance_actions, tasks
+from mycloud_compute.persistence.tables import instance_actions, instances, tasks
 
 
 class TaskRunState(StrEnum):
@@ -81,7 +94,7 @@ def _no_older_unfinished() -> ColumnElement[bool]:
     )
 
 
-def _claimable_ids(state_clause: ColumnElement[bool], limit: int) -> Any:
+def _claimable_ids(state_clause: ColumnElement[bool], limit: ColumnElement[int]) -> Any:
     # One state per query, so the (state, created_at) index yields the candidates in
     # queue order and the scan stops after ``limit`` of them, however many finished
     # tasks the table holds.
@@ -95,26 +108,41 @@ def _claimable_ids(state_clause: ColumnElement[bool], limit: int) -> Any:
     )
 
 
+@functools.cache
+def _lease_statement(expired: bool) -> Update:
+    """Return the claim UPDATE for expired RUNNING tasks, or for PENDING ones, with bind parameters."""
+    if expired:
+        state_clause = and_(tasks.c.state == TaskRunState.RUNNING, tasks.c.lease_expires_at < bindparam("claim_now"))
+    else:
+        state_clause = tasks.c.state == TaskRunState.PENDING
+    return (
+        update(tasks)
+        .where(tasks.c.id.in_(_claimable_ids(state_clause, bindparam("claim_limit", type_=Integer))))
+        .values(
+            state=TaskRunState.RUNNING,
+            lease_owner=bindparam("new_lease_owner"),
+            lease_expires_at=bindparam("new_lease_expires_at"),
+            attempts=tasks.c.attempts + 1,
+            updated_at=bindparam("claim_now"),
+        )
+        .returning(*tasks.c)
+    )
+
+
 async def _lease(
     conn: AsyncConnection,
-    state_clause: ColumnElement[bool],
+    expired: bool,
     limit: int,
     lease_owner: str,
     now: datetime,
     expires_at: datetime,
 ) -> list[ClaimedTask]:
-    statement = (
-        update(tasks)
-        .where(tasks.c.id.in_(_claimable_ids(state_clause, limit)))
-        .values(
-            state=TaskRunState.RUNNING,
-            lease_owner=lease_owner,
-            lease_expires_at=expires_at,
-            attempts=tasks.c.attempts + 1,
-            updated_at=now,
-        )
-        .returning(*tasks.c)
-    )
+    parameters = {
+        "claim_now": now,
+        "claim_limit": limit,
+        "new_lease_owner": lease_owner,
+        "new_lease_expires_at": expires_at,
+    }
     return [
         ClaimedTask(
             id=row.id,
@@ -128,7 +156,9 @@ async def _lease(
             lease_owner=lease_owner,
             lease_expires_at=expires_at,
         )
-        for row in sorted((await conn.execute(statement)).all(), key=lambda row: (row.created_at, row.id))
+        for row in sorted(
+            (await conn.execute(_lease_statement(expired), parameters)).all(), key=lambda row: (row.created_at, row.id)
+        )
     ]
 
 
@@ -162,11 +192,9 @@ async def claim_batch(
     expires_at = now + timedelta(seconds=lease_seconds)
     claimed: list[ClaimedTask] = []
     if include_expired:
-        expired = and_(tasks.c.state == TaskRunState.RUNNING, tasks.c.lease_expires_at < now)
-        claimed = await _lease(conn, expired, limit, lease_owner, now, expires_at)
+        claimed = await _lease(conn, True, limit, lease_owner, now, expires_at)
     if len(claimed) < limit:
-        pending = tasks.c.state == TaskRunState.PENDING
-        claimed += await _lease(conn, pending, limit - len(claimed), lease_owner, now, expires_at)
+        claimed += await _lease(conn, False, limit - len(claimed), lease_owner, now, expires_at)
     return claimed
 
 
@@ -210,10 +238,80 @@ async def renew_lease(
     await _update_owned(conn, task.id, task.lease_owner, values)
 
 
-async def finish(
-    conn: AsyncConnection, task: ClaimedTask, state: TaskRunState, *, error: str | None = None
-) -> None:
-    """Move the task to a final state and drop its lease; ``error`` goes to ``last_error``."""
+# Statements that the worker runs several times per task are built once, with
+# bind parameters, because building a SQLAlchemy statement costs more CPU than
+# executing it. Parameter names must differ from the column names they update.
+_OWNED_BY_PARAMETERS = and_(
+    tasks.c.id == bindparam("match_task_id"),
+    tasks.c.state == TaskRunState.RUNNING,
+    tasks.c.lease_owner == bindparam("match_lease_owner"),
+)
+
+
+def _owner_parameters(task: ClaimedTask) -> dict[str, Any]:
+    return {"match_task_id": task.id, "match_lease_owner": task.lease_owner}
+
+
+@functools.cache
+def _renew_and_lock_statement(with_step: bool) -> Select[Any]:
+    """Return the PostgreSQL statement of :func:`renew_lease_and_lock_instance`."""
+    values: dict[str, Any] = {
+        "lease_expires_at": bindparam("new_lease_expires_at"),
+        "updated_at": bindparam("new_updated_at"),
+    }
+    if with_step:
+        values["step"] = bindparam("new_step")
+    renewed = update(tasks).where(_OWNED_BY_PARAMETERS).values(values).returning(tasks.c.id).cte("renewed_lease")
+    return (
+        select(instances)
+        .where(
+            instances.c.organization_id == bindparam("match_organization_id"),
+            instances.c.id == bindparam("match_instance_id"),
+            exists(select(renewed.c.id)),
+        )
+        .with_for_update(of=instances)
+    )
+
+
+async def renew_lease_and_lock_instance(
+    conn: AsyncConnection, task: ClaimedTask, lease_seconds: float, *, step: str | None = None
+) -> Row[Any] | None:
+    """Renew the lease as :func:`renew_lease` does, then read and lock the task's instance row.
+
+    Returns None when the instance row does not exist. Raises LeaseLost when the task
+    is no longer leased to this claim, and the caller's transaction must roll back.
+    The task row is locked before the instance row, as in two separate statements.
+    On PostgreSQL both happen in one statement, in which the renewal is a
+    data-modifying CTE that the instance query checks with EXISTS. Only when that
+    query returns no row does a second statement find out whether the lease or the
+    instance is missing.
+    """
+    if conn.dialect.name != "postgresql":
+        await renew_lease(conn, task, lease_seconds, step=step)
+        query = select(instances).where(
+            instances.c.organization_id == task.organization_id, instances.c.id == task.instance_id
+        )
+        return (await conn.execute(query.with_for_update())).first()
+
+    now = utcnow()
+    parameters = {
+        **_owner_parameters(task),
+        "new_lease_expires_at": now + timedelta(seconds=lease_seconds),
+        "new_updated_at": now,
+        "match_organization_id": task.organization_id,
+        "match_instance_id": task.instance_id,
+    }
+    if step is not None:
+        parameters["new_step"] = step
+    row: Row[Any] | None = (await conn.execute(_renew_and_lock_statement(step is not None), parameters)).first()
+    if row is None:
+        owned = await conn.execute(select(tasks.c.id).where(_owned(task.id, task.lease_owner)))
+        if owned.first() is None:
+            raise LeaseLost(task.id, task.lease_owner)
+    return row
+
+
+def _final_values(state: TaskRunState, error: str | None) -> dict[str, Any]:
     if state not in FINAL:
         raise ValueError(f"finish needs a final state, got {state}")
     values: dict[str, Any] = {
@@ -224,7 +322,105 @@ async def finish(
     }
     if error is not None:
         values["last_error"] = error
-    await _update_owned(conn, task.id, task.lease_owner, values)
+    return values
+
+
+async def finish(
+    conn: AsyncConnection, task: ClaimedTask, state: TaskRunState, *, error: str | None = None
+) -> None:
+    """Move the task to a final state and drop its lease; ``error`` goes to ``last_error``."""
+    await _update_owned(conn, task.id, task.lease_owner, _final_values(state, error))
+
+
+@functools.cache
+def _finish_statement(has_error: bool, has_action: bool, instance_columns: tuple[str, ...]) -> Update:
+    """Return the PostgreSQL statement of :func:`finish_with_action` for one shape of its arguments."""
+    values: dict[str, Any] = {
+        "state": bindparam("new_state"),
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "updated_at": bindparam("new_updated_at"),
+    }
+    if has_error:
+        values["last_error"] = bindparam("new_last_error")
+    statement = update(tasks).where(_OWNED_BY_PARAMETERS).values(values)
+    if has_action:
+        statement = statement.add_cte(
+            update(instance_actions)
+            .where(
+                instance_actions.c.organization_id == bindparam("match_organization_id"),
+                instance_actions.c.id == bindparam("match_action_id"),
+            )
+            .values(
+                status=bindparam("action_status"),
+                message=bindparam("action_message", type_=instance_actions.c.message.type),
+                finished_at=bindparam("new_updated_at"),
+            )
+            .cte("finished_action")
+        )
+    if instance_columns:
+        statement = statement.add_cte(
+            update(instances)
+            .where(
+                instances.c.organization_id == bindparam("match_organization_id"),
+                instances.c.id == bindparam("match_instance_id"),
+            )
+            .values({name: bindparam(f"new_instance_{name}", type_=instances.c[name].type) for name in instance_columns})
+            .cte("updated_instance")
+        )
+    return statement
+
+
+async def finish_with_action(
+    conn: AsyncConnection,
+    task: ClaimedTask,
+    state: TaskRunState,
+    *,
+    action_status: str,
+    message: str | None = None,
+    error: str | None = None,
+    instance_values: dict[str, Any] | None = None,
+) -> None:
+    """Finish the task as :func:`finish` does, record its action's outcome and update its instance.
+
+    ``instance_values`` are written to the task's instance row (no ``tags``: their
+    rows live in another table). On PostgreSQL all of it is one statement, with the
+    action's and the instance's UPDATEs as CTEs. Those run even when the lease turns
+    out to be lost, so the caller's transaction must roll back on LeaseLost, as
+    after every lease check.
+    """
+    if instance_values and "tags" in instance_values:
+        raise ValueError("finish_with_action cannot change tags; update the instance first")
+    if conn.dialect.name != "postgresql":
+        if instance_values:
+            await conn.execute(
+                update(instances)
+                .where(instances.c.organization_id == task.organization_id, instances.c.id == task.instance_id)
+                .values(**instance_values)
+            )
+        await finish(conn, task, state, error=error)
+        await finish_action(conn, task.organization_id, task.action_id, action_status, message)
+        return
+
+    if state not in FINAL:
+        raise ValueError(f"finish needs a final state, got {state}")
+    instance_values = instance_values or {}
+    statement = _finish_statement(error is not None, task.action_id is not None, tuple(sorted(instance_values)))
+    parameters: dict[str, Any] = {
+        **_owner_parameters(task),
+        "new_state": state.value,
+        "new_updated_at": utcnow(),
+        "new_last_error": error,
+        "match_organization_id": task.organization_id,
+        "match_instance_id": task.instance_id,
+        "match_action_id": task.action_id,
+        "action_status": action_status,
+        "action_message": message,
+    }
+    parameters.update({f"new_instance_{name}": value for name, value in instance_values.items()})
+    result = await conn.execute(statement, parameters)
+    if result.rowcount != 1:
+        raise LeaseLost(task.id, task.lease_owner)
 
 
 async def retry_later(conn: AsyncConnection, task: ClaimedTask, *, error: str) -> None:

@@ -10,8 +10,8 @@ the address from the network address. The offset, not the full address, is store
 because an IPv6 address does not fit the 64-bit column, while offsets stay small
 when the lowest address is always taken first. The unique key on
 (organization_id, network_id, address_value) is what guarantees that an address
-is never given out twice: a concurrent allocation of the same address fails on it
-and is retried with the next free one.
+is never given out twice: a concurrent allocation of the same address does
+nothing on it and is retried with the next free one.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.engine import Row
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mycloud_compute.persistence import networks as store
@@ -40,6 +39,13 @@ MAC_PREFIX = "fa:16:3e"
 # Inserts retried after a unique violation (address or MAC taken concurrently)
 # before the allocation gives up.
 MAX_INSERT_ATTEMPTS = 16
+
+# Offsets 0 (the network address) and 1 (the gateway) are never given out.
+FIRST_ALLOCATABLE = 2
+
+# The largest offset that the BIGINT ``address_value`` column holds. IPv6
+# networks can be larger, but an allocation never gets that far.
+MAX_ADDRESS_VALUE = 2**63 - 1
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -73,12 +79,19 @@ def parse_cidr(cidr: str) -> IPNetwork:
     return ipaddress.ip_network(cidr, strict=False)
 
 
+def last_allocatable_offset(network: IPNetwork) -> int:
+    """Return the highest offset given out on ``network`` (below its last address, within BIGINT)."""
+    return min(network.num_addresses - 2, MAX_ADDRESS_VALUE)
+
+
 def lowest_free_offset(network: IPNetwork, used: set[int]) -> int | None:
-    """Return the smallest allocatable offset not in ``used``, or None when the network is full."""
-    # Offsets 0 (network address) and 1 (gateway) and the last one are reserved.
-    last_allocatable = network.num_addresses - 2
-    offset = 2
-    while offset <= last_allocatable:
+    """Return the smallest allocatable offset not in ``used``, or None when the network is full.
+
+    The rule that the allocation's SQL query applies to the stored ports; the tests
+    use this as the expected result.
+    """
+    offset = FIRST_ALLOCATABLE
+    while offset <= last_allocatable_offset(network):
         if offset not in used:
             return offset
         offset += 1
@@ -98,52 +111,70 @@ async def allocate_port(
 ) -> AllocatedPort:
     """Insert a port for the instance on ``network`` with the lowest free address.
 
-    Runs in the caller's transaction. Each insert runs in a savepoint, so a unique
-    violation (the address or the MAC taken by a concurrent allocation) rolls back
-    only that insert before the next try. Raises NetworkFull when no address is left.
+    Runs in the caller's transaction. On PostgreSQL the INSERT chooses the address
+    itself. On SQLite a query chooses it just before the INSERT, which is safe
+    because SQLite runs one write transaction at a time. An INSERT that hits a
+    unique key (the address taken by a concurrent allocation, or the random MAC
+    address in use) does nothing, so no savepoint is needed, and the allocation
+    tries the next free address. Raises NetworkFull when no address is left.
     """
     ip_network = parse_cidr(network.cidr)
+    last = last_allocatable_offset(ip_network)
     for _ in range(MAX_INSERT_ATTEMPTS):
-        used = await store.used_address_values(conn, organization_id, network.id)
-        offset = lowest_free_offset(ip_network, used)
-        if offset is None:
-            raise NetworkFull(network.name, network.cidr)
-
-        port = AllocatedPort(
-            id=uuid.uuid4(),
-            network_id=network.id,
-            network_name=network.name,
-            address=str(ip_network.network_address + offset),
-            version=ip_network.version,
-            mac_address=random_mac(),
-        )
-        try:
-            async with conn.begin_nested():
-                await store.insert_port(
-                    conn,
-                    {
-                        "organization_id": organization_id,
-                        "id": port.id,
-                        "network_id": network.id,
-                        "instance_id": instance_id,
-                        "address": port.address,
-                        "address_value": offset,
-                        "mac_address": port.mac_address,
-                        "created_at": utcnow(),
-                    },
-                )
-        except IntegrityError:
-            log.info(
-                "port insert conflicted, retrying network=%s address=%s instance=%s",
-                network.id,
-                port.address,
-                instance_id,
+        values: dict[str, Any] = {
+            "organization_id": organization_id,
+            "id": uuid.uuid4(),
+            "network_id": network.id,
+            "instance_id": instance_id,
+            "mac_address": random_mac(),
+            "created_at": utcnow(),
+        }
+        if conn.dialect.name == "postgresql":
+            row = await store.insert_port_at_lowest_free(
+                conn,
+                values,
+                network_address=str(ip_network.network_address),
+                first_allocatable=FIRST_ALLOCATABLE,
+                last_allocatable=last,
             )
-            continue
-        return port
+            if row is not None:
+                address = str(ip_network.network_address + row.address_value)
+                if row.address != address:
+                    # PostgreSQL prints a few IPv6 forms differently from Python, such
+                    # as ::a.b.c.d, so the stored text is made to match Python's form.
+                    await store.set_port_address(conn, organization_id, values["id"], address)
+                return _allocated(values, network, ip_network, address)
+            offset = await store.find_lowest_free_address_value(
+                conn, organization_id, network.id, FIRST_ALLOCATABLE
+            )
+            if offset > last:
+                raise NetworkFull(network.name, network.cidr)
+        else:
+            offset = await store.find_lowest_free_address_value(
+                conn, organization_id, network.id, FIRST_ALLOCATABLE
+            )
+            if offset > last:
+                raise NetworkFull(network.name, network.cidr)
+            address = str(ip_network.network_address + offset)
+            if await store.insert_port_if_free(conn, {**values, "address": address, "address_value": offset}):
+                return _allocated(values, network, ip_network, address)
+        log.info(
+            "port insert conflicted, retrying network=%s offset=%d instance=%s", network.id, offset, instance_id
+        )
     raise RuntimeError(
         f"could not allocate a port on network {network.id} after {MAX_INSERT_ATTEMPTS} "
         "conflicting inserts"
+    )
+
+
+def _allocated(values: dict[str, Any], network: Row[Any], ip_network: IPNetwork, address: str) -> AllocatedPort:
+    return AllocatedPort(
+        id=values["id"],
+        network_id=network.id,
+        network_name=network.name,
+        address=address,
+        version=ip_network.version,
+        mac_address=values["mac_address"],
     )
 
 

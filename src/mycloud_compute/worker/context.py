@@ -73,11 +73,8 @@ class TaskContext:
         InstanceNotFound when the instance row is gone; both roll the transaction back.
         """
         async with self.db.transaction() as conn:
-            await task_store.renew_lease(
+            instance = await task_store.renew_lease_and_lock_instance(
                 conn, self.task, self.lease_seconds, step=step.value if step else None
-            )
-            instance = await instance_store.get_for_update(
-                conn, self.task.organization_id, self.task.instance_id
             )
             if instance is None:
                 raise InstanceNotFound(f"instance {self.task.instance_id} does not exist")
@@ -90,18 +87,24 @@ class TaskContext:
         *,
         action_status: str,
         message: str | None = None,
+        instance_values: dict[str, Any] | None = None,
     ) -> None:
         """Finish the task and its instance action in the caller's transaction.
 
         ``message`` is shown to users in the action record and stored as the task's
-        ``last_error`` unless the task succeeded.
+        ``last_error`` unless the task succeeded. ``instance_values`` are stored in
+        the instance row in the same statement where the database allows it, as
+        :meth:`update_instance` would store them.
         """
         self.lease_released = True
-        await task_store.finish(
-            conn, self.task, state, error=None if state == TaskRunState.SUCCEEDED else message
-        )
-        await task_store.finish_action(
-            conn, self.task.organization_id, self.task.action_id, action_status, message
+        await task_store.finish_with_action(
+            conn,
+            self.task,
+            state,
+            action_status=action_status,
+            message=message,
+            error=None if state == TaskRunState.SUCCEEDED else message,
+            instance_values={**instance_values, "updated_at": utcnow()} if instance_values else None,
         )
         self.outcome = state
 
@@ -142,6 +145,11 @@ async def instance_spec(conn: AsyncConnection, instance: Row[Any]) -> InstanceSp
     host_name = await host_store.get_host_name(conn, instance.host_id)
     if host_name is None:
         raise RuntimeError(f"instance {instance.id} is placed on host {instance.host_id}, which does not exist")
+    return spec_on_host(instance, host_name)
+
+
+def spec_on_host(instance: Row[Any], host_name: str) -> InstanceSpec:
+    """Describe the instance for the driver as placed on the host named ``host_name``."""
     request = ResourceRequest.from_flavor(instance.flavor)
     return InstanceSpec(
         id=instance.id,

@@ -1,5 +1,10 @@
 """The create task: SCHEDULING → BLOCK_DEVICE_MAPPING → NETWORKING → SPAWNING → ACTIVE.
 
+Each step is one transaction that records the step, followed by the step's
+driver call. SCHEDULING's host claim commits in the transaction that starts
+BLOCK_DEVICE_MAPPING, and a last transaction makes the instance ACTIVE and
+finishes the task, so a build with no volumes takes four transactions.
+
 Every step is idempotent, and the task records the step it starts. A task
 resumed by another worker after a crash therefore repeats only the step that was
 running. A host already claimed is kept, ports already allocated are reused, and
@@ -25,6 +30,7 @@ from mycloud_compute.persistence import instances as instance_store
 from mycloud_compute.persistence import networks as network_store
 from mycloud_compute.persistence import volumes as volume_store
 from mycloud_compute.persistence.clock import utcnow
+from mycloud_compute.persistence.hosts import Host
 from mycloud_compute.persistence.tasks import TaskRunState
 from mycloud_compute.scheduler.scheduler import ResourceRequest, explain_no_valid_host, select_host
 from mycloud_compute.services.addressing import (
@@ -34,7 +40,7 @@ from mycloud_compute.services.addressing import (
     allocate_port,
     port_from_row,
 )
-from mycloud_compute.services.lifecycle import CREATE_STEPS, PowerState, TaskState, VmState
+from mycloud_compute.services.lifecycle import PowerState, TaskState, VmState
 from mycloud_compute.worker.context import (
     ACTION_FAILED,
     ACTION_SUCCEEDED,
@@ -42,6 +48,7 @@ from mycloud_compute.worker.context import (
     instance_spec,
     make_fault,
     release_resources,
+    spec_on_host,
     state_values,
 )
 
@@ -60,19 +67,22 @@ class BuildFailed(Exception):
 
 
 async def run_create(ctx: TaskContext) -> None:
-    """Run the create task from the step it last started (the first one when new)."""
+    """Run the create task from the step it last recorded (the first one when new)."""
+    # SCHEDULING has no transaction of its own: the host claim commits together
+    # with the start of BLOCK_DEVICE_MAPPING, which claims a host when the instance
+    # has none. A task recorded at SCHEDULING therefore starts with that step.
     steps: dict[TaskState, Callable[[TaskContext], Awaitable[bool]]] = {
-        TaskState.SCHEDULING: _schedule,
         TaskState.BLOCK_DEVICE_MAPPING: _prepare_block_devices,
         TaskState.NETWORKING: _allocate_network,
         TaskState.SPAWNING: _spawn,
     }
-    first = CREATE_STEPS.index(TaskState(ctx.task.step)) if ctx.task.step in steps else 0
+    order = list(steps)
+    first = order.index(TaskState(ctx.task.step)) if ctx.task.step in steps else 0
     if first > 0:
         log.info("create task resumed step=%s attempt=%d %s", ctx.task.step, ctx.task.attempts, ctx.log_ids)
 
     try:
-        for step in CREATE_STEPS[first:]:
+        for step in order[first:]:
             if not await steps[step](ctx):
                 return
     except BuildFailed as failure:
@@ -81,13 +91,11 @@ async def run_create(ctx: TaskContext) -> None:
     await _finish(ctx)
 
 
-async def _enter_step(
-    ctx: TaskContext, conn: AsyncConnection, instance: Row[Any], step: TaskState | None
-) -> bool:
-    """Move the instance to ``step`` (None: no step change), or stop the task and return False.
+async def _still_building(ctx: TaskContext, conn: AsyncConnection, instance: Row[Any]) -> bool:
+    """Return True when the build may go on; otherwise finish the task as CANCELLED and return False.
 
-    The task stops as CANCELLED when a delete request arrived, or when the
-    instance is no longer BUILDING (nothing is left to build).
+    The task stops when a delete request arrived, or when the instance is no
+    longer BUILDING (nothing is left to build).
     """
     if instance.task_state == TaskState.DELETING:
         await ctx.finish(
@@ -107,55 +115,41 @@ async def _enter_step(
         )
         log.warning("create task cancelled vm_state=%s %s", instance.vm_state, ctx.log_ids)
         return False
-    if step is not None and instance.task_state != step:
-        await ctx.update_instance(conn, state_values(VmState.BUILDING, step))
-        log.info("instance build step task_state=%s %s", step, ctx.log_ids)
     return True
 
 
-async def _schedule(ctx: TaskContext) -> bool:
-    """Claim a host; an instance that already has one (an earlier attempt) keeps it."""
-    no_valid_host = None
-    async with ctx.locked_instance(TaskState.SCHEDULING) as (conn, instance):
-        if not await _enter_step(ctx, conn, instance, TaskState.SCHEDULING):
-            return False
-        if instance.host_id is not None:
-            return True
-
-        request = ResourceRequest.from_flavor(instance.flavor)
-        host = await select_host(conn, request)
-        if host is None:
-            no_valid_host = await explain_no_valid_host(conn, request)
-            await ctx.update_instance(
-                conn,
-                {
-                    **state_values(VmState.ERROR, None, PowerState.NOSTATE),
-                    "fault": make_fault(NO_VALID_HOST, no_valid_host),
-                },
-            )
-            await ctx.finish(
-                conn, TaskRunState.FAILED, action_status=ACTION_FAILED, message=f"{NO_VALID_HOST}: {no_valid_host}"
-            )
-        else:
-            # The claim and host_id commit together, so a resumed task never claims twice.
-            await ctx.update_instance(conn, {"host_id": host.id})
-
-    if no_valid_host is not None:
-        # WARNING, not ERROR: any customer can cause this by asking for more than is free.
-        log.warning("instance build failed: no valid host details=%r %s", no_valid_host, ctx.log_ids)
-        return False
-    log.info("instance scheduled host=%s %s", host.name if host else None, ctx.log_ids)
-    return True
+def _step_values(instance: Row[Any], step: TaskState) -> dict[str, Any]:
+    """Return the instance columns that move it to ``step``; none when it is there already."""
+    if instance.task_state == step:
+        return {}
+    return state_values(VmState.BUILDING, step)
 
 
 async def _prepare_block_devices(ctx: TaskContext) -> bool:
-    """Create the root disk, then mark the volumes the API reserved for the instance ATTACHED."""
+    """Claim a host unless the instance has one, then create the root disk.
+
+    The host claim, ``host_id`` and the step change commit together, so a resumed
+    task never claims twice. The volumes the API reserved for the instance are
+    marked ATTACHED once the driver has prepared the disks.
+    """
     step = TaskState.BLOCK_DEVICE_MAPPING
     async with ctx.locked_instance(step) as (conn, instance):
-        if not await _enter_step(ctx, conn, instance, step):
+        if not await _still_building(ctx, conn, instance):
             return False
-        spec = await _require_spec(conn, instance)
+        values = _step_values(instance, step)
+        if instance.host_id is None:
+            host = await _claim_host(ctx, conn, instance)
+            if host is None:
+                return False
+            values["host_id"] = host.id
+            spec = spec_on_host(instance, host.name)
+        else:
+            spec = await _require_spec(conn, instance)
+        if values:
+            await ctx.update_instance(conn, values)
         has_volumes = bool(instance.volumes_attached)
+    log.info("instance build step task_state=%s host=%s %s", step, spec.host, ctx.log_ids)
+
     try:
         await ctx.driver.prepare_block_devices(spec)
     except DriverError as exc:
@@ -173,17 +167,42 @@ async def _prepare_block_devices(ctx: TaskContext) -> bool:
     return True
 
 
+async def _claim_host(ctx: TaskContext, conn: AsyncConnection, instance: Row[Any]) -> Host | None:
+    """Claim a host for the instance, or put it in ERROR, fail the task and return None when none fits."""
+    request = ResourceRequest.from_flavor(instance.flavor)
+    host = await select_host(conn, request)
+    if host is not None:
+        log.info("instance scheduled host=%s %s", host.name, ctx.log_ids)
+        return host
+
+    no_valid_host = await explain_no_valid_host(conn, request)
+    await ctx.update_instance(
+        conn,
+        {
+            **state_values(VmState.ERROR, None, PowerState.NOSTATE),
+            "fault": make_fault(NO_VALID_HOST, no_valid_host),
+        },
+    )
+    await ctx.finish(
+        conn, TaskRunState.FAILED, action_status=ACTION_FAILED, message=f"{NO_VALID_HOST}: {no_valid_host}"
+    )
+    # WARNING, not ERROR: any customer can cause this by asking for more than is free.
+    log.warning("instance build failed: no valid host details=%r %s", no_valid_host, ctx.log_ids)
+    return None
+
+
 async def _allocate_network(ctx: TaskContext) -> bool:
     """Give the instance one port per entry of ``network_ids`` and plug them."""
-    async with ctx.locked_instance(TaskState.NETWORKING) as (conn, instance):
-        if not await _enter_step(ctx, conn, instance, TaskState.NETWORKING):
+    step = TaskState.NETWORKING
+    async with ctx.locked_instance(step) as (conn, instance):
+        if not await _still_building(ctx, conn, instance):
             return False
         spec = await _require_spec(conn, instance)
         try:
             ports = await _ensure_ports(conn, instance)
         except NetworkFull as exc:
             raise BuildFailed("No free IP address on the network", exc.message) from exc
-        await ctx.update_instance(conn, {"addresses": addresses_document(ports)})
+        await ctx.update_instance(conn, {**_step_values(instance, step), "addresses": addresses_document(ports)})
 
     log.info("instance ports allocated addresses=%s %s", [port.address for port in ports], ctx.log_ids)
     vifs = [Vif(port.id, port.network_id, port.address, port.mac_address) for port in ports]
@@ -202,8 +221,12 @@ async def _ensure_ports(conn: AsyncConnection, instance: Row[Any]) -> list[Alloc
     network_ids = [uuid.UUID(str(value)) for value in instance.network_ids]
     networks = await network_store.get_networks(conn, instance.organization_id, network_ids)
     existing: dict[uuid.UUID, list[Row[Any]]] = {}
-    for row in await network_store.instance_ports(conn, instance.organization_id, instance.id):
-        existing.setdefault(row.network_id, []).append(row)
+    # Ports are inserted in the same transaction that stores ``addresses``, and
+    # release_resources deletes them together with it, so an instance without
+    # addresses has no ports to look up.
+    if instance.addresses:
+        for row in await network_store.instance_ports(conn, instance.organization_id, instance.id):
+            existing.setdefault(row.network_id, []).append(row)
 
     ports = []
     for network_id in network_ids:
@@ -219,9 +242,15 @@ async def _ensure_ports(conn: AsyncConnection, instance: Row[Any]) -> list[Alloc
 
 
 async def _spawn(ctx: TaskContext) -> bool:
-    spec = await _start_driver_step(ctx, TaskState.SPAWNING)
-    if spec is None:
-        return False
+    step = TaskState.SPAWNING
+    async with ctx.locked_instance(step) as (conn, instance):
+        if not await _still_building(ctx, conn, instance):
+            return False
+        spec = await _require_spec(conn, instance)
+        values = _step_values(instance, step)
+        if values:
+            await ctx.update_instance(conn, values)
+    log.info("instance build step task_state=%s %s", step, ctx.log_ids)
     try:
         await ctx.driver.spawn(spec)
     except DriverError as exc:
@@ -229,30 +258,24 @@ async def _spawn(ctx: TaskContext) -> bool:
     return True
 
 
-async def _start_driver_step(ctx: TaskContext, step: TaskState) -> InstanceSpec | None:
-    """Record ``step`` and return the instance's spec, or None when the task stopped."""
-    async with ctx.locked_instance(step) as (conn, instance):
-        if not await _enter_step(ctx, conn, instance, step):
-            return None
-        return await _require_spec(conn, instance)
-
-
 async def _require_spec(conn: AsyncConnection, instance: Row[Any]) -> InstanceSpec:
     spec = await instance_spec(conn, instance)
     if spec is None:
-        # SCHEDULING commits host_id before any later step starts.
+        # host_id commits with the start of BLOCK_DEVICE_MAPPING, before any driver call.
         raise RuntimeError(f"instance {instance.id} reached a driver step without a host")
     return spec
 
 
 async def _finish(ctx: TaskContext) -> None:
     async with ctx.locked_instance() as (conn, instance):
-        if not await _enter_step(ctx, conn, instance, None):
+        if not await _still_building(ctx, conn, instance):
             return
-        await ctx.update_instance(
-            conn, {**state_values(VmState.ACTIVE, None, PowerState.RUNNING), "launched_at": utcnow()}
+        await ctx.finish(
+            conn,
+            TaskRunState.SUCCEEDED,
+            action_status=ACTION_SUCCEEDED,
+            instance_values={**state_values(VmState.ACTIVE, None, PowerState.RUNNING), "launched_at": utcnow()},
         )
-        await ctx.finish(conn, TaskRunState.SUCCEEDED, action_status=ACTION_SUCCEEDED)
     log.info("instance active %s", ctx.log_ids)
 
 
@@ -275,7 +298,7 @@ async def fail_build(ctx: TaskContext, failure: BuildFailed) -> None:
 
     async with ctx.locked_instance() as (conn, instance):
         if instance.task_state == TaskState.DELETING:
-            await _enter_step(ctx, conn, instance, None)
+            await _still_building(ctx, conn, instance)
             return
         released = await release_resources(conn, instance)
         await ctx.update_instance(

@@ -8,6 +8,11 @@ repeat any part of this.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mycloud_compute.drivers.base import DriverError
 from mycloud_compute.persistence import volumes as volume_store
@@ -27,14 +32,22 @@ from mycloud_compute.worker.context import (
 log = logging.getLogger(__name__)
 
 
-async def run_delete(ctx: TaskContext) -> None:
+# Releases claims that only some instances hold (those of an unfinished resize)
+# in the delete's first transaction, and returns the instance columns to store.
+ReleaseExtraClaims = Callable[[TaskContext, AsyncConnection, Row[Any]], Awaitable[dict[str, Any]]]
+
+
+async def run_delete(ctx: TaskContext, release_extra_claims: ReleaseExtraClaims | None = None) -> None:
     async with ctx.locked_instance(TaskState.DELETING) as (conn, instance):
         if instance.vm_state == VmState.DELETED:
             await ctx.finish(conn, TaskRunState.SUCCEEDED, action_status=ACTION_SUCCEEDED)
             log.info("instance already deleted %s", ctx.log_ids)
             return
+        values = await release_extra_claims(ctx, conn, instance) if release_extra_claims else {}
         if instance.task_state != TaskState.DELETING:
-            await ctx.update_instance(conn, state_values(VmState(instance.vm_state), TaskState.DELETING))
+            values.update(state_values(VmState(instance.vm_state), TaskState.DELETING))
+        if values:
+            await ctx.update_instance(conn, values)
         spec = await instance_spec(conn, instance)
 
     if spec is not None:
@@ -47,19 +60,24 @@ async def run_delete(ctx: TaskContext) -> None:
     async with ctx.locked_instance() as (conn, instance):
         released = await release_resources(conn, instance)
         # delete_on_termination volumes are deleted, the others become AVAILABLE.
-        volumes_deleted, volumes_detached = await volume_store.release_instance_volumes(
-            conn, instance.organization_id, instance.id, utcnow()
-        )
-        await ctx.update_instance(
+        # Volumes are attached only when an instance is created, and they are
+        # released in the same transaction that empties ``volumes_attached``.
+        volumes_deleted = volumes_detached = 0
+        if instance.volumes_attached:
+            volumes_deleted, volumes_detached = await volume_store.release_instance_volumes(
+                conn, instance.organization_id, instance.id, utcnow()
+            )
+        await ctx.finish(
             conn,
-            {
+            TaskRunState.SUCCEEDED,
+            action_status=ACTION_SUCCEEDED,
+            instance_values={
                 **state_values(VmState.DELETED, None, PowerState.NOSTATE),
                 **released,
                 "volumes_attached": [],
                 "terminated_at": utcnow(),
             },
         )
-        await ctx.finish(conn, TaskRunState.SUCCEEDED, action_status=ACTION_SUCCEEDED)
     log.info(
         "instance deleted status=%s host=%s volumes_deleted=%d volumes_detached=%d %s",
         Status.DELETED, spec.host if spec else None, volumes_deleted, volumes_detached, ctx.log_ids,

@@ -396,15 +396,18 @@ async def give_up_resize_end(ctx: TaskContext, reason: str) -> None:
 
 
 async def run_delete_after_resize_cleanup(ctx: TaskContext) -> None:
-    """Release the claims of an unfinished resize, then run the delete task.
+    """Run the delete task, releasing the claims of an unfinished resize in its first transaction.
 
     Deleting a VERIFY_RESIZE instance confirms the resize first, as in Nova. The
     new claim of a resize that a delete request cancelled is released here too.
     The delete task releases the current claim itself.
     """
-    async with ctx.locked_instance() as (conn, instance):
-        resize_columns = (instance.new_flavor, instance.new_host_id, instance.old_flavor, instance.old_host_id)
-        if instance.vm_state != VmState.DELETED and any(value is not None for value in resize_columns):
-            await ctx.update_instance(conn, await release_resize_claims(conn, instance))
-            log.info("resize claims released before the delete %s", ctx.log_ids)
-    await run_delete(ctx)
+    await run_delete(ctx, _release_unfinished_resize)
+
+
+async def _release_unfinished_resize(ctx: TaskContext, conn: AsyncConnection, instance: Row[Any]) -> dict[str, Any]:
+    resize_columns = (instance.new_flavor, instance.new_host_id, instance.old_flavor, instance.old_host_id)
+    if all(value is None for value in resize_columns):
+        return {}
+    log.info("resize claims released before the delete %s", ctx.log_ids)
+    return await release_resize_claims(conn, instance)
