@@ -520,12 +520,15 @@ def page_statement(shape: PageShape) -> str:
             counter_where.append(f"c.{column} = {value}")
 
     position = ""
+    marker_cte = ""
     if shape.marker:
         (marker,) = parameters.take()
-        position = (
-            f"(SELECT m.created_at, m.id FROM instances m "
-            f"WHERE m.organization_id = $1 AND m.id = {marker})"
+        # Looked up once: the page, the previous page and marker_found all use it.
+        marker_cte = (
+            "marker AS MATERIALIZED (SELECT m.created_at, m.id FROM instances m "
+            f"WHERE m.organization_id = $1 AND m.id = {marker}), "
         )
+        position = "(SELECT created_at, id FROM marker)"
 
     def condition(table: str) -> str:
         return " AND ".join(clause.format(t=table) for clause in where)
@@ -561,7 +564,7 @@ def page_statement(shape: PageShape) -> str:
     previous = "NULL::uuid"
     if shape.marker:
         page_where += f" AND (i.created_at, i.id) < {position}"
-        marker_found = f"EXISTS {position}"
+        marker_found = "EXISTS (SELECT 1 FROM marker)"
         previous = (
             f"(SELECT q.id FROM instances q WHERE {condition('q')} "
             f"AND (q.created_at, q.id) > {position} "
@@ -577,7 +580,7 @@ def page_statement(shape: PageShape) -> str:
         )
 
     return f"""
-WITH page AS MATERIALIZED (
+WITH {marker_cte}page AS MATERIALIZED (
     SELECT i.created_at, i.id, {_INSTANCE_JSON} AS document
     FROM instances i
     WHERE {page_where}
