@@ -468,13 +468,19 @@ class _Parameters:
 def _needs_custom_plan(shape: PageShape) -> bool:
     """Whether the statement must be planned with each request's values.
 
-    A cached statement gets a generic plan after a few runs. Migration 0008 makes
-    generic plans assume an organization of 10,000 instances, and for pages, markers,
-    an exact name, statuses, flavor and image they then walk one index in list order
-    and stop after the page. For a name prefix or tags the best plan depends on how
-    many instances match, so those are planned with each request's values.
+    The other shapes run with a generic plan (``Database.list_reader``). Migration
+    0008 makes generic plans assume an organization of 10,000 instances, and for
+    pages, markers, an exact name, statuses, flavor and image they then walk one
+    index in list order and stop after the page. For a name prefix or tags the best
+    plan depends on how many instances match, so those are planned per request.
     """
     return shape.name.startswith("prefix") or bool(shape.tags)
+
+
+def is_planned_per_request(filters: InstanceFilters) -> bool:
+    """Whether the page statement for ``filters`` needs a plan made with its values."""
+    shape, _ = _shape_and_arguments(filters, None, None)
+    return _needs_custom_plan(shape)
 
 
 @functools.lru_cache(maxsize=512)

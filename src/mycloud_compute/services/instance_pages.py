@@ -33,7 +33,8 @@ async def list_rendered(
 ) -> RenderedPage:
     """Read one page of instances rendered as JSON (PostgreSQL only)."""
     filters = _filters_from(query)
-    async with db.reader.connect() as conn:
+    generic_plans = not store.is_planned_per_request(filters)
+    async with db.list_connection(generic_plans=generic_plans) as conn:
         page = await store.read_rendered_page(
             conn,
             principal.organization_id,
