@@ -172,6 +172,8 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
     listeners = _instrument_pool("writer", db.writer)
     if db.reader is not db.writer:
         listeners += _instrument_pool("reader", db.reader)
+    if db.list_reader is not db.reader:
+        listeners += _instrument_pool("list", db.list_reader)
     try:
         yield
     finally:
