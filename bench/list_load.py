@@ -103,13 +103,14 @@ def run_wrk(url: str, token: str, connections: int, duration: int) -> dict[str, 
          "-H", f"Authorization: Bearer {token}", url],
         check=True, capture_output=True, text=True,
     ).stdout
-    latencies = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", output, re.MULTILINE))
+    latencies = dict(re.findall(r"^\s+(50|90|99)%\s+(\S+)", output, re.MULTILINE))
     requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     return {
         "requests": requests,
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),  # type: ignore[union-attr]
         "p50": _milliseconds(latencies["50"]),
+        "p90": _milliseconds(latencies["90"]),
         "p99": _milliseconds(latencies["99"]),
         "errors": int(errors.group(1)) if errors else 0,
     }

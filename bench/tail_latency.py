@@ -18,15 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-from list_load import _milliseconds, start, stop
+from list_load import run_wrk, start, stop
 from procstat import free_port, process_tree
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -44,24 +42,6 @@ def scheduler_nanoseconds(pids: list[int]) -> tuple[int, int]:
             on_cpu += int(fields[0])
             waiting += int(fields[1])
     return on_cpu, waiting
-
-
-def run_wrk(url: str, token: str, connections: int, duration: int) -> dict[str, float]:
-    output = subprocess.run(
-        ["wrk", f"-t{min(connections, 2)}", f"-c{connections}", f"-d{duration}s", "--latency",
-         "-H", f"Authorization: Bearer {token}", url],
-        check=True, capture_output=True, text=True,
-    ).stdout
-    latencies = dict(re.findall(r"^\s+(50|90|99)%\s+(\S+)", output, re.MULTILINE))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-    return {
-        "requests": int(re.search(r"(\d+) requests in", output).group(1)),  # type: ignore[union-attr]
-        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),  # type: ignore[union-attr]
-        "p50": _milliseconds(latencies["50"]),
-        "p90": _milliseconds(latencies["90"]),
-        "p99": _milliseconds(latencies["99"]),
-        "errors": int(errors.group(1)) if errors else 0,
-    }
 
 
 def collector_pauses(folder: Path, pids: list[int]) -> dict[int, list[float]]:
