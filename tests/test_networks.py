@@ -99,6 +99,27 @@ def test_private_network_recreated_on_first_use(org: Org) -> None:
     assert instance["status"] == "BUILD"
 
 
+def test_private_network_recreated_by_concurrent_creates(api: ApiServer) -> None:
+    """Creates racing to re-create a deleted default network all succeed with one network."""
+    for round_number in range(5):
+        org = make_org(api, "default-race")
+        with org.client() as client:
+            (network,) = list_all(client)
+            assert client.delete(f"/v1/networks/{network['id']}").status_code == 204
+
+            def create(index: int, org: Org = org) -> httpx.Response:
+                with org.client() as racer:
+                    body = {"name": f"race-{index}", "flavor_id": SMALL_FLAVOR, "image_id": UBUNTU_IMAGE}
+                    return racer.post("/v1/instances", json=body)
+
+            with ThreadPoolExecutor(max_workers=6) as pool:
+                responses = list(pool.map(create, range(6)))
+
+            statuses = [response.status_code for response in responses]
+            assert statuses == [202] * 6, (round_number, [response.text for response in responses])
+            assert [item["name"] for item in list_all(client)] == ["private-network"]
+
+
 # --- create and show ------------------------------------------------------------------
 
 GOOD_CIDRS = [

@@ -77,6 +77,22 @@ async def insert_network(conn: AsyncConnection, values: dict[str, Any]) -> None:
     await conn.execute(insert(networks).values(**values))
 
 
+async def insert_network_unless_named(conn: AsyncConnection, values: dict[str, Any]) -> bool:
+    """Insert the network unless its organization has one of that name; return whether it did.
+
+    On PostgreSQL a concurrent transaction inserting the same name makes this one
+    wait, and then insert nothing if that transaction commits.
+    """
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    statement = (
+        dialect.insert(networks)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=[networks.c.organization_id, networks.c.name])
+        .returning(networks.c.id)
+    )
+    return (await conn.execute(statement)).first() is not None
+
+
 async def delete_network(
     conn: AsyncConnection, organization_id: uuid.UUID, network_id: uuid.UUID
 ) -> None:

@@ -127,6 +127,10 @@ def check_network_cidr(value: str) -> IPNetwork:
 
 # --- defaults -------------------------------------------------------------------------
 
+# Reads and inserts of the default network before giving up, when concurrent requests
+# keep creating and deleting it.
+DEFAULT_NETWORK_ATTEMPTS = 3
+
 
 async def ensure_default_network(
     conn: AsyncConnection, organization_id: uuid.UUID, *, lock: bool = False
@@ -137,23 +141,31 @@ async def ensure_default_network(
     SQLite and relies on the (organization_id, name) unique key on PostgreSQL.
     ``lock`` keeps an existing network from being deleted until the caller commits.
     """
-    row = await store.find_network_by_name(conn, organization_id, DEFAULT_NETWORK_NAME, lock=lock)
-    if row is not None:
-        return uuid.UUID(str(row.id))
-    network_id = uuid.uuid4()
-    await store.insert_network(
-        conn,
-        {
-            "organization_id": organization_id,
-            "id": network_id,
-            "name": DEFAULT_NETWORK_NAME,
-            "cidr": DEFAULT_NETWORK_CIDR,
-            "ip_version": ipaddress.ip_network(DEFAULT_NETWORK_CIDR).version,
-            "created_at": utcnow(),
-        },
+    for _ in range(DEFAULT_NETWORK_ATTEMPTS):
+        row = await store.find_network_by_name(conn, organization_id, DEFAULT_NETWORK_NAME, lock=lock)
+        if row is not None:
+            return uuid.UUID(str(row.id))
+        network_id = uuid.uuid4()
+        inserted = await store.insert_network_unless_named(
+            conn,
+            {
+                "organization_id": organization_id,
+                "id": network_id,
+                "name": DEFAULT_NETWORK_NAME,
+                "cidr": DEFAULT_NETWORK_CIDR,
+                "ip_version": ipaddress.ip_network(DEFAULT_NETWORK_CIDR).version,
+                "created_at": utcnow(),
+            },
+        )
+        if inserted:
+            log.info("default network created organization=%s network_id=%s", organization_id, network_id)
+            return network_id
+        # A concurrent request created it and committed first: read that one.
+        log.info("default network created concurrently; reading it organization=%s", organization_id)
+    log.warning("default network deleted during every attempt to use it organization=%s", organization_id)
+    raise Conflict(
+        f"the default network {DEFAULT_NETWORK_NAME} was deleted while this request used it; retry the request"
     )
-    log.info("default network created organization=%s network_id=%s", organization_id, network_id)
-    return network_id
 
 
 async def ensure_default_security_group(conn: AsyncConnection, organization_id: uuid.UUID) -> None:
