@@ -104,12 +104,18 @@ async def _generic_plan_sizes(url: str) -> list[tuple[str, int, str]]:
     connection = await asyncpg.connect(url)
     try:
         organization = await connection.fetchval("SELECT id FROM organizations WHERE name = 'plan-org-0'")
-        # The marker sits at 90% of the list, where a sorting plan reads the most.
-        marker = await connection.fetchval(
-            "SELECT id FROM instances WHERE organization_id = $1 AND status = 'ACTIVE' "
-            "AND flavor_id = $2 AND image_id = $3 ORDER BY created_at DESC, id DESC OFFSET $4 LIMIT 1",
-            organization, FLAVOR, IMAGE, LARGE_ORGANIZATION // 60 * 9 // 10,
+        # The marker matches every filter and sits at 90% of the most filtered list,
+        # where a sorting plan reads the most.
+        matching = (
+            "FROM instances WHERE organization_id = $1 AND status = 'ACTIVE' "
+            "AND flavor_id = $2 AND image_id = $3"
         )
+        count = await connection.fetchval(f"SELECT count(*) {matching}", organization, FLAVOR, IMAGE)
+        marker = await connection.fetchval(
+            f"SELECT id {matching} ORDER BY created_at DESC, id DESC OFFSET $4 LIMIT 1",
+            organization, FLAVOR, IMAGE, count * 9 // 10,
+        )
+        assert marker is not None
         await connection.execute("SET plan_cache_mode = force_generic_plan")
         sizes = []
         for number, (filters, with_marker, with_token) in enumerate(_cached_filters()):

@@ -12,11 +12,11 @@ def tune_for_serving(gen0_threshold: int) -> None:
     """Freeze the objects built at startup and run young collections less often.
 
     A full collection walks every object the collector tracks. After startup an
-    API process holds 100,000 to 150,000 of them (the framework, the OpenAPI
-    schema, SQLAlchemy's metadata), and each full collection stopped the process
-    for 20 to 110 ms under load (``bench/tail_latency.py``), so every request in
-    flight waited for it. Frozen objects are skipped by every later collection;
-    they are still freed by reference counting, only cycles among them are not.
+    API process has 100,000 to 150,000 of them (the framework, the OpenAPI
+    schema, SQLAlchemy's metadata). Under load each full collection stopped the
+    process for 20 to 125 ms (``bench/tail_latency.py``), and every request in
+    flight waited for it. Later collections skip frozen objects. Reference
+    counting still frees them, but cycles among them are never collected.
     ``gen0_threshold`` 0 leaves the collector as Python configured it.
     """
     if gen0_threshold == 0:

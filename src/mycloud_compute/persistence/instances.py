@@ -478,7 +478,7 @@ def _needs_custom_plan(shape: PageShape) -> bool:
 
 
 def is_planned_per_request(filters: InstanceFilters) -> bool:
-    """Whether the page statement for ``filters`` needs a plan made with its values."""
+    """Return whether the page statement for ``filters`` must be planned with its values."""
     shape, _ = _shape_and_arguments(filters, None, None)
     return _needs_custom_plan(shape)
 
